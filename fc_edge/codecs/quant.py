@@ -1,0 +1,242 @@
+"""Scalar quantization: identity, float16/bfloat16 casts, and a 2-8-bit symmetric group quantizer.
+
+The group quantizer splits every row (token) of the activation into groups of ``group_size``
+values along the hidden axis (``0`` = the whole row is one group), stores one float16 scale per
+group (``absmax / qmax``) and ``bits``-bit codes ``round(x / scale) + qmax``, with
+``qmax = 2**(bits-1) - 1``. Codes are bit-packed LSB first (docs/wire-format.md). Every row is
+coded on its own, so a decode step's single row is treated exactly like a prefill row.
+
+Registry aliases: ``fp16``, ``bf16``, ``int8`` (per-row absmax), ``int8-block`` (groups of 64),
+``int4`` (groups of 64).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fc_edge.codecs.base import (
+    ALIASES,
+    WIRE_DTYPE_OF_VALUE,
+    Codec,
+    ConfigError,
+    Encoded,
+    TensorSpec,
+    check_activation,
+    check_ratio,
+    header_bytes,
+    register,
+    restore,
+    too_small,
+    value_dtype_code,
+    value_dtype_of,
+)
+from fc_edge.errors import WireError
+
+
+# --- bit packing ----------------------------------------------------------------------------
+def packed_nbytes(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes ``< 2**bits`` (any shape) into a flat uint8 tensor, LSB first."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat.clone()
+    if bits == 4:
+        if flat.numel() % 2:
+            flat = torch.cat([flat, flat.new_zeros(1)])
+        pair = flat.view(-1, 2)
+        return pair[:, 0] | (pair[:, 1] << 4)
+    shifts = torch.arange(bits, device=flat.device, dtype=torch.uint8)
+    planes = ((flat.unsqueeze(-1) >> shifts) & 1).reshape(-1)
+    pad = (-planes.numel()) % 8
+    if pad:
+        planes = torch.cat([planes, planes.new_zeros(pad)])
+    weights = (1 << torch.arange(8, device=flat.device, dtype=torch.int32))
+    return (planes.view(-1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` codes as uint8."""
+    packed = packed.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return packed[:n].clone()
+    if bits == 4:
+        both = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(-1)
+        return both[:n].contiguous()
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    planes = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(-1)[: n * bits].view(n, bits)
+    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))
+    return (planes.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+# --- the symmetric group quantizer, shared with the rotated codec ---------------------------
+def n_groups(width: int, group_size: int) -> int:
+    return 1 if group_size == 0 else math.ceil(width / group_size)
+
+
+def quantize_groups(rows: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, W)`` float -> (codes ``(N, W)`` uint8 in ``0..2 qmax``, scales ``(N, G)`` float16)."""
+    N, W = rows.shape
+    g = W if group_size == 0 else group_size
+    G = n_groups(W, group_size)
+    padded = torch.nn.functional.pad(rows.float(), (0, G * g - W)).view(N, G, g)
+    qmax = 2 ** (bits - 1) - 1
+    absmax = padded.abs().amax(-1)
+    # Round the scale to float16 first so both sides divide by the same number.
+    scales = (absmax / qmax).clamp(max=torch.finfo(torch.float16).max).to(torch.float16)
+    s = scales.float().unsqueeze(-1)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.where(s > 0, torch.round(padded / safe), torch.zeros_like(padded))
+    codes = (q.clamp(-qmax, qmax) + qmax).to(torch.uint8).view(N, G * g)[:, :W]
+    return codes.contiguous(), scales
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_groups`: ``(N, W)`` float32."""
+    N, W = codes.shape
+    g = W if group_size == 0 else group_size
+    G = scales.shape[1]
+    qmax = 2 ** (bits - 1) - 1
+    q = torch.nn.functional.pad(codes.float() - qmax, (0, G * g - W)).view(N, G, g)
+    return (q * scales.float().unsqueeze(-1)).view(N, G * g)[:, :W]
+
+
+def check_bits(bits: int, allowed: range | tuple = range(2, 9)) -> int:
+    if not isinstance(bits, int) or bits not in allowed:
+        raise ConfigError(f"bits must be one of {list(allowed)}, got {bits!r}")
+    return bits
+
+
+def check_group_size(group_size: int) -> int:
+    if not isinstance(group_size, int) or not 0 <= group_size <= 65535:
+        raise ConfigError(f"group_size must be 0 (one per row) or 1..65535, got {group_size!r}")
+    return group_size
+
+
+# --- codecs ---------------------------------------------------------------------------------
+@register
+class IdentityCodec(Codec):
+    """Sends the activation unchanged at its own dtype: the uncompressed reference."""
+
+    name = "identity"
+    wire_id = 1
+    wire_params = (("value_dtype", "B"),)
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        check_activation(x)
+        code = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}[x.dtype]
+        return self._encoded(x, {"value_dtype": code}, x=x.detach().contiguous())
+
+    @classmethod
+    def decode(cls, enc: Encoded) -> torch.Tensor:
+        return enc.tensors["x"].reshape(enc.shape).to(enc.dtype)
+
+    @classmethod
+    def layout(cls, shape: tuple[int, ...], params: Mapping[str, int]) -> list[TensorSpec]:
+        return [TensorSpec("x", WIRE_DTYPE_OF_VALUE[value_dtype_of(params)], tuple(shape))]
+
+
+@register
+class QuantCodec(Codec):
+    """Scalar quantization along the hidden axis, row by row.
+
+    ``bits=16`` casts to ``value_dtype`` (float16 or bfloat16). ``bits`` 2..8 quantizes with one
+    float16 scale per ``group_size`` values (0 = per row). With ``ratio`` instead of ``bits``, the
+    largest bit width that meets the byte budget is chosen per shape.
+    """
+
+    name = "quant"
+    wire_id = 6
+    wire_params = (("bits", "B"), ("group_size", "H"), ("value_dtype", "B"))
+
+    def __init__(self, bits: int | None = None, group_size: int = 0,
+                 value_dtype: str = "float16", ratio: float | None = None) -> None:
+        if bits is not None and ratio is not None:
+            raise ConfigError("quant takes bits or ratio, not both")
+        self.ratio = check_ratio(ratio)
+        self.bits = None if bits is None and ratio is not None else check_bits(
+            8 if bits is None else bits, (*range(2, 9), 16))
+        self.group_size = check_group_size(group_size)
+        self.value_dtype = value_dtype
+        value_dtype_code(value_dtype)
+        if self.bits == 16 and value_dtype == "float32":
+            raise ConfigError("quant bits=16 casts to float16 or bfloat16; use identity for float32")
+
+    def config(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"group_size": self.group_size, "value_dtype": self.value_dtype}
+        out.update({"ratio": self.ratio} if self.ratio is not None else {"bits": self.bits})
+        return out
+
+    def _bits_for(self, x: torch.Tensor, D: int) -> int:
+        if self.bits is not None:
+            return self.bits
+        assert self.ratio is not None
+        budget = self.budget_bytes(tuple(x.shape), x.dtype, self.ratio)
+        rows = x.numel() // D
+        for bits in range(8, 1, -1):
+            body = 2 * rows * n_groups(D, self.group_size) + packed_nbytes(rows * D, bits)
+            if body <= budget:
+                return bits
+        raise too_small(self.name, tuple(x.shape), self.ratio, "even 2-bit codes do not fit")
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        _, _, D = check_activation(x)
+        bits = self._bits_for(x, D)
+        vcode = value_dtype_code(self.value_dtype)
+        params = {"bits": bits, "group_size": self.group_size, "value_dtype": vcode}
+        rows = x.detach().reshape(-1, D)
+        if bits == 16:
+            return self._encoded(x, params, x=rows.to(value_dtype_of(params)).reshape(x.shape))
+        codes, scales = quantize_groups(rows, bits, self.group_size)
+        return self._encoded(x, params, codes=pack_bits(codes, bits), scales=scales)
+
+    @classmethod
+    def decode(cls, enc: Encoded) -> torch.Tensor:
+        bits, g = enc.params["bits"], enc.params["group_size"]
+        if bits == 16:
+            return enc.tensors["x"].reshape(enc.shape).to(enc.dtype)
+        D = enc.shape[-1]
+        N = math.prod(enc.shape) // D
+        codes = unpack_bits(enc.tensors["codes"], bits, N * D).view(N, D)
+        return restore(dequantize_groups(codes, enc.tensors["scales"], bits, g), enc)
+
+    @classmethod
+    def layout(cls, shape: tuple[int, ...], params: Mapping[str, int]) -> list[TensorSpec]:
+        bits, g = params["bits"], params["group_size"]
+        check_bits(bits, (*range(2, 9), 16))
+        vdt = value_dtype_of(params)
+        if bits == 16:
+            if vdt == torch.float32:
+                raise ConfigError("quant bits=16 needs a 16-bit value dtype")
+            return [TensorSpec("x", WIRE_DTYPE_OF_VALUE[vdt], tuple(shape))]
+        D = shape[-1]
+        N = math.prod(shape) // D
+        return [TensorSpec("codes", "u1", (packed_nbytes(N * D, bits),)),
+                TensorSpec("scales", "f2", (N, n_groups(D, g)))]
+
+    @classmethod
+    def validate_payload(cls, enc: Encoded) -> None:
+        bits = enc.params["bits"]
+        if bits < 8:
+            qmax = 2 ** (bits - 1) - 1
+            codes = unpack_bits(enc.tensors["codes"], bits, math.prod(enc.shape))
+            if int(codes.max()) > 2 * qmax:
+                raise WireError(f"quant codes exceed {2 * qmax} for {bits} bits")
+
+
+ALIASES.update({
+    "fp16": ("quant", {"bits": 16, "value_dtype": "float16"}),
+    "bf16": ("quant", {"bits": 16, "value_dtype": "bfloat16"}),
+    "int8": ("quant", {"bits": 8, "group_size": 0}),
+    "int8-block": ("quant", {"bits": 8, "group_size": 64}),
+    "int4": ("quant", {"bits": 4, "group_size": 64}),
+})
+
+__all__ = ["IdentityCodec", "QuantCodec", "pack_bits", "unpack_bits", "quantize_groups",
+           "dequantize_groups", "header_bytes"]

@@ -1,0 +1,178 @@
+"""The byte format of an :class:`~fc_edge.codecs.base.Encoded` payload.
+
+Specified byte by byte in ``docs/wire-format.md``. All integers are little-endian::
+
+    magic "FC" | version u8 | codec id u8 | dtype u8 | ndim u8 | dims u32 x ndim
+    | codec parameters (fixed per codec) | body length u32 | body | CRC32 u32
+
+``unpack`` of any byte string returns an ``Encoded`` that its codec can decode, or raises
+:class:`~fc_edge.errors.WireError`; sizes are checked against a cap before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+from fc_edge.codecs.base import (
+    ACTIVATION_DTYPES,
+    DTYPE_BY_CODE,
+    WIRE_DTYPES,
+    Encoded,
+    TensorSpec,
+    codec_by_wire_id,
+    codec_class,
+)
+from fc_edge.errors import ConfigError, WireError
+
+MAGIC = b"FC"
+VERSION = 1
+#: Default cap on a payload's declared body and on the activation it decodes to, in bytes.
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+# Wire dtype -> little-endian numpy dtype of the bytes (bfloat16 travels as its 16 raw bits).
+_NP_DTYPES = {"u1": "<u1", "i1": "<i1", "u2": "<u2", "u4": "<u4", "f2": "<f2", "bf2": "<i2",
+              "f4": "<f4"}
+_INT_RANGES = {"u1": (0, 255), "i1": (-128, 127), "u2": (0, 65535), "u4": (0, 2**32 - 1)}
+
+
+def pack(enc: Encoded) -> bytes:
+    """Serialise a payload. The length of the result is the payload's size on the link."""
+    cls = codec_class(enc.codec)
+    if enc.dtype not in ACTIVATION_DTYPES:
+        raise ConfigError(f"cannot pack an activation of dtype {enc.dtype}")
+    specs = cls.layout(enc.shape, enc.params)
+    if sorted(s.name for s in specs) != sorted(enc.tensors):
+        raise ConfigError(
+            f"{enc.codec} payload has tensors {sorted(enc.tensors)}, layout wants "
+            f"{[s.name for s in specs]}"
+        )
+    body = b"".join(_tensor_bytes(enc.tensors[s.name], s) for s in specs)
+    header = _header(cls, enc, len(body))
+    out = header + body
+    return out + struct.pack("<I", zlib.crc32(out))
+
+
+def unpack(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Encoded:
+    """Parse and validate a payload; tensors land on the CPU.
+
+    ``max_bytes`` caps both the declared body and the activation the payload decodes to.
+    """
+    buf = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    n = len(buf)
+    pos = _expect(n, 0, 6, "fixed header")
+    if bytes(buf[0:2]) != MAGIC:
+        raise WireError(f"bad magic {bytes(buf[0:2])!r}: not an fc-edge payload")
+    version, codec_id, dtype_code, ndim = buf[2], buf[3], buf[4], buf[5]
+    if version != VERSION:
+        raise WireError(f"wire version {version} is not supported (this build reads {VERSION})")
+    cls = codec_by_wire_id(codec_id)
+    if dtype_code not in DTYPE_BY_CODE:
+        raise WireError(f"unknown activation dtype code {dtype_code}")
+    dtype = DTYPE_BY_CODE[dtype_code]
+    if ndim not in (2, 3):
+        raise WireError(f"activation must have 2 or 3 dims, payload says {ndim}")
+    end = _expect(n, pos, 4 * ndim, "shape")
+    shape = struct.unpack_from(f"<{ndim}I", buf, pos)
+    pos = end
+    if min(shape) < 1:
+        raise WireError(f"activation shape {shape} has an empty dimension")
+    out_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if out_bytes > max_bytes:
+        raise WireError(
+            f"payload declares a {out_bytes}-byte activation {shape}, above the cap of "
+            f"{max_bytes} bytes"
+        )
+    fmt = "<" + "".join(f for _, f in cls.wire_params)
+    end = _expect(n, pos, struct.calcsize(fmt), "codec parameters")
+    params = dict(zip([p for p, _ in cls.wire_params], struct.unpack_from(fmt, buf, pos)))
+    pos = end
+    end = _expect(n, pos, 4, "body length")
+    (body_len,) = struct.unpack_from("<I", buf, pos)
+    pos = end
+    if body_len > max_bytes:
+        raise WireError(f"payload declares a {body_len}-byte body, above the cap of {max_bytes}")
+    if n != pos + body_len + 4:
+        raise WireError(
+            f"payload is {n} bytes but its header declares {pos + body_len + 4} "
+            "(truncated or trailing bytes)"
+        )
+    (crc,) = struct.unpack_from("<I", buf, pos + body_len)
+    if zlib.crc32(buf[: pos + body_len]) != crc:
+        raise WireError("CRC32 mismatch: the payload was corrupted in transit")
+    try:
+        specs = cls.layout(tuple(shape), params)
+    except ConfigError as e:
+        raise WireError(f"invalid {cls.name} parameters {params} for shape {shape}: {e}") from None
+    if sum(s.nbytes for s in specs) != body_len:
+        raise WireError(
+            f"{cls.name} body should be {sum(s.nbytes for s in specs)} bytes for these "
+            f"parameters, payload carries {body_len}"
+        )
+    tensors = {}
+    for s in specs:
+        tensors[s.name] = _read_tensor(buf, pos, s)
+        pos += s.nbytes
+    enc = Encoded(cls.name, params, tuple(shape), dtype, tensors)
+    cls.validate_payload(enc)
+    return enc
+
+
+def packed_size(enc: Encoded) -> int:
+    """Bytes of ``pack(enc)``."""
+    return len(pack(enc))
+
+
+def _expect(n: int, pos: int, size: int, what: str) -> int:
+    if pos + size > n:
+        raise WireError(f"payload truncated: {n} bytes, {what} needs bytes {pos}..{pos + size}")
+    return pos + size
+
+
+def _header(cls: type, enc: Encoded, body_len: int) -> bytes:
+    ndim = len(enc.shape)
+    if ndim not in (2, 3) or any(not 1 <= d < 2**32 for d in enc.shape):
+        raise ConfigError(f"cannot pack activation shape {enc.shape}")
+    fixed = MAGIC + struct.pack(
+        "<BBBB", VERSION, cls.wire_id, ACTIVATION_DTYPES[enc.dtype], ndim
+    ) + struct.pack(f"<{ndim}I", *enc.shape)
+    fmt = "<" + "".join(f for _, f in cls.wire_params)
+    try:
+        params = struct.pack(fmt, *(int(enc.params[p]) for p, _ in cls.wire_params))
+    except (KeyError, struct.error) as e:
+        raise ConfigError(f"{cls.name} parameters {enc.params} do not fit the wire: {e}") from None
+    return fixed + params + struct.pack("<I", body_len)
+
+
+def _tensor_bytes(t: torch.Tensor, spec: TensorSpec) -> bytes:
+    if tuple(t.shape) != spec.shape:
+        raise ConfigError(f"tensor {spec.name} has shape {tuple(t.shape)}, layout {spec.shape}")
+    t = t.detach().to("cpu").contiguous()
+    if spec.wire_dtype in _INT_RANGES:
+        if t.is_floating_point():
+            raise ConfigError(f"tensor {spec.name} must be an integer tensor, got {t.dtype}")
+        lo, hi = _INT_RANGES[spec.wire_dtype]
+        if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
+            raise ConfigError(f"tensor {spec.name} has values outside {spec.wire_dtype}")
+        arr = t.to(torch.int64).numpy()
+    else:
+        want = WIRE_DTYPES[spec.wire_dtype][1]
+        if t.dtype != want:
+            raise ConfigError(f"tensor {spec.name} must be {want}, got {t.dtype}")
+        arr = t.view(torch.int16).numpy() if want == torch.bfloat16 else t.numpy()
+    return arr.astype(_NP_DTYPES[spec.wire_dtype], copy=False).tobytes()
+
+
+def _read_tensor(buf: memoryview, pos: int, spec: TensorSpec) -> torch.Tensor:
+    count = math.prod(spec.shape)
+    arr = np.frombuffer(buf, dtype=_NP_DTYPES[spec.wire_dtype], count=count, offset=pos)
+    want = WIRE_DTYPES[spec.wire_dtype][1]
+    if spec.wire_dtype == "bf2":
+        t = torch.from_numpy(arr.astype(np.int16)).view(torch.bfloat16)  # native-endian copy
+    else:
+        t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))).to(want)
+    return t.reshape(spec.shape)
