@@ -1,0 +1,44 @@
+"""Cutting a Hugging Face causal LM into a device head and a server tail.
+
+::
+
+    head, tail = split(model, layer=L)
+    hs = head.start(max_seq_len)      # device session: static KV cache + position
+    a = hs.step(input_ids)            # (S,) long -> (S, D) float32 activation
+    ts = tail.start()                 # server session: Hugging Face cache + position
+    logits = ts.step(a)               # (S, D) -> (S, V) float32
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fc_edge.errors import ConfigError, ModelError
+from fc_edge.models.head import Head
+from fc_edge.models.tail import Tail
+
+SUPPORTED_FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+def check_supported(model: Any) -> None:
+    """Raise :class:`ModelError` unless ``model`` is of a family the head implements."""
+    name = type(model).__name__
+    if name not in SUPPORTED_FAMILIES:
+        raise ModelError(
+            f"cannot split a {name}: supported families are {', '.join(SUPPORTED_FAMILIES)}"
+        )
+
+
+def split(model: Any, layer: int) -> tuple[Head, Tail]:
+    """The head (embedding + layers[:layer], our own modules with copied weights) and the tail
+    (layers[layer:] + norm + lm_head of ``model`` itself) of a Llama or Qwen2 causal LM.
+
+    ``layer`` must be in 1..num_hidden_layers-1 (:class:`ConfigError` otherwise).
+    """
+    check_supported(model)
+    n = model.config.num_hidden_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n - 1:
+        raise ConfigError(
+            f"split layer must be an integer in 1..{n - 1} for this model, got {layer!r}"
+        )
+    return Head.from_hf(model, layer), Tail(model, layer)
