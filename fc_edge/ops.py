@@ -13,13 +13,15 @@ no more than a bare ``rfft2``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fc_edge.errors import ConfigError
 
 
 def block_rows(S: int, k_s: int) -> torch.Tensor:
-    """Indices of the kept token frequencies, FFT order: ``0..k_s-1, S-k_s+1..S-1`` (deduplicated)."""
+    """Kept token frequencies, FFT order: ``0..k_s-1, S-k_s+1..S-1`` (deduplicated)."""
     low = list(range(k_s))
     high = [u for u in range(S - k_s + 1, S) if u >= k_s]
     return torch.tensor(low + high, dtype=torch.long)
@@ -36,14 +38,35 @@ def n_block_rows(S: int, k_s: int) -> int:
     return min(2 * k_s - 1, S)
 
 
-def _cuda_ops_available(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
+@functools.cache
+def extension_available() -> bool:
+    """True when ``fc_edge._C`` (the fused CUDA ops) is built and loaded.
+
+    Loading it registers ``torch.ops.fc_edge.*``; the fake (meta) kernels that let
+    ``torch.compile`` and ``torch.library.opcheck`` trace the ops are registered here, once.
+    """
     try:
         import fc_edge._C  # noqa: F401
     except ImportError:
         return False
-    return hasattr(torch.ops, "fc_edge") and hasattr(torch.ops.fc_edge, "spectral_compress")
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("fc_edge::spectral_compress")
+    def _compress_fake(x: torch.Tensor, k_s: int, k_d: int) -> torch.Tensor:
+        B, S, _ = x.shape
+        return x.new_empty((B, torch.sym_min(2 * k_s - 1, S), k_d, 2), dtype=torch.float32)
+
+    @torch.library.register_fake("fc_edge::spectral_decompress")
+    def _decompress_fake(block: torch.Tensor, S: int, D: int, k_s: int) -> torch.Tensor:
+        return block.new_empty((block.shape[0], S, D), dtype=torch.float32)
+
+
+def _cuda_ops_available(x: torch.Tensor) -> bool:
+    # D == 1 has no cuFFT plan (the op refuses it); torch.fft handles it.
+    return x.is_cuda and x.shape[-1] >= 2 and extension_available()
 
 
 def spectral_compress(x: torch.Tensor, k_s: int, k_d: int) -> torch.Tensor:
@@ -57,7 +80,7 @@ def spectral_compress(x: torch.Tensor, k_s: int, k_d: int) -> torch.Tensor:
 
 def spectral_decompress(block: torch.Tensor, S: int, D: int, k_s: int) -> torch.Tensor:
     """``(B, R, k_d, 2)`` float32 block -> ``(B, S, D)`` float32 reconstruction."""
-    if _cuda_ops_available(block):
+    if block.is_cuda and D >= 2 and extension_available():
         return torch.ops.fc_edge.spectral_decompress(block, S, D, k_s)
     return spectral_decompress_torch(block, S, D, k_s)
 
