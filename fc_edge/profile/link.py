@@ -161,4 +161,5 @@ def step_response_s(
     """Response time of one round trip: compute (all non-network stages, s) + up + down."""
     if rng is None:
         return compute_s + link.transfer_s(bytes_up) + link.transfer_s(bytes_down)
-    return compute_s + link.sample_transfer_s(bytes_up, rng) + link.sample_transfer_s(bytes_down, rng)
+    up = link.sample_transfer_s(bytes_up, rng)
+    return compute_s + up + link.sample_transfer_s(bytes_down, rng)
