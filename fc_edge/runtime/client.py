@@ -1,0 +1,319 @@
+"""The device client: runs the head, compresses each activation and streams it to the server.
+
+>>> client = DeviceClient("127.0.0.1:50051", "smollm2-135m", split_layer=8, codec="fourier")
+>>> result = client.generate("The capital of France is", max_new_tokens=16)
+>>> result.text, result.tpot_s, result.steps[0].bytes_up
+
+The head is anything with ``start(max_seq_len) -> session`` whose ``session.step(ids (S,) long)``
+returns the ``(S, D)`` activation (:class:`HeadRunner`): by default our
+:class:`~fc_edge.models.head.Head`, and an exported engine can be dropped in with ``head=``.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+import torch
+from torch import Tensor
+
+from fc_edge import wire
+from fc_edge.codecs import Codec, get_codec
+from fc_edge.errors import BudgetError, ConfigError, FcEdgeError
+from fc_edge.runtime.proto import pb2, pb2_grpc
+from fc_edge.runtime.sampling import SamplingConfig
+from fc_edge.runtime.server import FALLBACK_CODEC, PROTOCOL_VERSION
+from fc_edge.runtime.timing import GenerationResult, StepTiming, stage
+
+
+class SessionError(FcEdgeError):
+    """The server refused or ended a session; ``code`` is the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
+        name = code.name if code is not None else "UNKNOWN"
+        super().__init__(f"server: {name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class HeadSessionLike(Protocol):
+    def step(self, input_ids: Tensor) -> Tensor: ...
+
+
+class HeadRunner(Protocol):
+    """What the client needs of a device head (our Head, or an engine runner)."""
+
+    def start(self, max_seq_len: int) -> HeadSessionLike: ...
+
+
+_USE_MODEL = object()  # eos_token_id default: the model's own
+
+
+def _rpc_error(e: grpc.RpcError) -> SessionError:
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach the server ({details})"
+    return SessionError(code, details or "(no details)")
+
+
+class DeviceClient:
+    """A device that runs ``model``'s layers[:split_layer] and talks to one server.
+
+    ``model_spec_or_model`` is a spec for ``load_model``, a model, or a ``(model, tokenizer)``
+    pair; it may be ``None`` when ``head`` and ``fingerprint`` are given. ``codec`` is a codec
+    or a registry name / alias (the label shown in timings). ``token`` is the server's bearer
+    token; ``tls_ca`` a PEM file of the CA that signed the server's certificate (turns on TLS).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        model_spec_or_model: Any,
+        split_layer: int | None,
+        codec: Codec | str = "identity",
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        *,
+        tokenizer: Any = None,
+        head: HeadRunner | None = None,
+        fingerprint: str | None = None,
+        tls_server_name: str | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        model = model_spec_or_model
+        if isinstance(model, (str, Path)):
+            from fc_edge.models.pretrained import load_model
+
+            model, loaded_tok = load_model(str(model))
+            tokenizer = tokenizer if tokenizer is not None else loaded_tok
+        elif isinstance(model, tuple):
+            model, pair_tok = model
+            tokenizer = tokenizer if tokenizer is not None else pair_tok
+        if model is None and (head is None or fingerprint is None):
+            raise ConfigError("DeviceClient needs a model, or both head= and fingerprint=")
+        self.model = model
+        self.tokenizer = tokenizer
+        if split_layer is None:
+            from fc_edge.runtime.server import default_split_layer
+
+            split_layer = default_split_layer(model)
+        self.split_layer = split_layer
+        if head is None:
+            from fc_edge.models.split import split
+
+            head, _ = split(model, layer=split_layer)
+        self.head: HeadRunner = head
+        if fingerprint is None:
+            from fc_edge.models.pretrained import model_fingerprint
+
+            fingerprint = model_fingerprint(model)
+        self.fingerprint = fingerprint
+        if isinstance(codec, str):
+            self.codec_label = codec
+            self.codec = get_codec(codec)
+        else:
+            self.codec = codec
+            self.codec_label = codec.name
+        self.fallback = get_codec(FALLBACK_CODEC)
+        self._refused_rows: set[int] = set()
+        self.device = _device_of(head, model)
+        self.timeout_s = timeout_s
+        self.address = address
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_send_message_length", -1),
+                   ("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+        if tls_ca is not None:
+            try:
+                ca = Path(str(tls_ca)).expanduser().read_bytes()
+            except OSError as e:
+                raise ConfigError(f"cannot read the TLS CA file {str(tls_ca)!r}: {e.strerror}") \
+                    from None
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(ca), options)
+        else:
+            self.channel = grpc.insecure_channel(address, options)
+        self.stub = pb2_grpc.SplitInferenceStub(self.channel)
+
+    # --- plumbing -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def info(self) -> Any:
+        """The server's ``ServerInfo`` (fingerprint, split layer, limits, active sessions)."""
+        try:
+            return self.stub.Info(pb2.InfoRequest(), metadata=self.metadata,
+                                  timeout=self.timeout_s or 30)
+        except grpc.RpcError as e:
+            raise _rpc_error(e) from None
+
+    def prompt_ids(self, prompt: str | Sequence[int] | Tensor, chat: bool = False) -> Tensor:
+        """Token ids (S,) long of a text prompt (as is, or through the chat template) or ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("this model has no tokenizer: give the prompt as token ids")
+            if chat:
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise ConfigError("this model's tokenizer has no chat template; drop --chat")
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                    tokenize=True, return_dict=False)
+                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                    ids = ids["input_ids"]
+            else:
+                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            out = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        else:
+            out = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+        if out.numel() == 0:
+            raise ConfigError("the prompt is empty")
+        return out
+
+    def default_eos(self) -> list[int]:
+        """EOS ids of the model's generation config (or its tokenizer)."""
+        eos = None
+        gen = getattr(self.model, "generation_config", None)
+        if gen is not None:
+            eos = gen.eos_token_id
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return [int(eos)] if isinstance(eos, int) else [int(t) for t in eos]
+
+    def _encode(self, a: Tensor) -> tuple[bytes, str, float, float]:
+        """Payload bytes, codec label, encode seconds, pack seconds. Falls back to fp16 for a
+        shape the session codec refuses (BudgetError), e.g. svd / qr on a one-row decode step."""
+        rows = a.shape[0]
+        codec, label = self.codec, self.codec_label
+        if rows in self._refused_rows:
+            codec, label = self.fallback, FALLBACK_CODEC
+        with stage("encode", self.device) as t_enc:
+            try:
+                enc = codec.encode(a)
+            except BudgetError:
+                self._refused_rows.add(rows)
+                codec, label = self.fallback, FALLBACK_CODEC
+                enc = codec.encode(a)
+        with stage("pack", self.device) as t_pack:
+            payload = wire.pack(enc)
+        return payload, label, t_enc.seconds, t_pack.seconds
+
+    # --- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | Sequence[int] | Tensor,
+        max_new_tokens: int = 32,
+        sampling: SamplingConfig | None = None,
+        eos_token_id: Any = _USE_MODEL,
+        chat: bool = False,
+    ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` after ``prompt`` (text or ids), stopping after an
+        EOS token (the model's by default; ``None`` or ``[]`` for none).
+
+        Raises :class:`SessionError` when the server refuses or ends the session.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        sampling = sampling or SamplingConfig()
+        ids = self.prompt_ids(prompt, chat=chat)
+        if eos_token_id is _USE_MODEL:
+            eos = self.default_eos()
+        elif eos_token_id is None:
+            eos = []
+        elif isinstance(eos_token_id, int):
+            eos = [eos_token_id]
+        else:
+            eos = [int(t) for t in eos_token_id]
+        if max_new_tokens == 0:
+            return GenerationResult([], self._text([]), [], "")
+        max_seq_len = ids.numel() + max_new_tokens
+        open_frame = pb2.ClientFrame(open=pb2.Open(
+            protocol_version=PROTOCOL_VERSION, model_fingerprint=self.fingerprint,
+            split_layer=self.split_layer,
+            codec=pb2.CodecSpec(name=self.codec.name,
+                                config_json=json.dumps(self.codec.config())),
+            sampling=pb2.Sampling(temperature=sampling.temperature, top_k=sampling.top_k,
+                                  top_p=sampling.top_p, seed=sampling.seed or 0,
+                                  has_seed=sampling.seed is not None),
+            max_seq_len=max_seq_len, max_new_tokens=max_new_tokens, eos_token_ids=eos))
+        outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        def requests() -> Any:
+            while True:
+                frame = outbox.get()
+                if frame is None:
+                    return
+                yield frame
+
+        call = self.stub.Generate(requests(), metadata=self.metadata, timeout=self.timeout_s)
+        tokens: list[int] = []
+        steps: list[StepTiming] = []
+        session_id = ""
+        try:
+            outbox.put(open_frame)
+            ready = next(call)
+            session_id = ready.ready.session_id
+            hs = self.head.start(max_seq_len)
+            step_ids = ids
+            for step in range(max_new_tokens):
+                t_start = time.perf_counter()
+                with stage("head", self.device) as t_head:
+                    a = hs.step(step_ids)
+                payload, label, enc_s, pack_s = self._encode(a.detach())
+                t_send = time.perf_counter()
+                outbox.put(pb2.ClientFrame(activation=pb2.Activation(step=step, payload=payload)))
+                frame = next(call)
+                t_recv = time.perf_counter()
+                tok = frame.token
+                srv = tok.timings
+                tokens.append(int(tok.id))
+                steps.append(StepTiming(
+                    phase="prefill" if step == 0 else "decode", rows=int(a.shape[0]),
+                    codec=label, device_compute_s=t_head.seconds, encode_s=enc_s, pack_s=pack_s,
+                    network_s=max(0.0, (t_recv - t_send) - srv.total_s),
+                    server_unpack_s=srv.unpack_s, server_decode_s=srv.decode_s,
+                    server_compute_s=srv.compute_s, bytes_up=len(payload),
+                    bytes_down=frame.ByteSize(), total_s=t_recv - t_start, token_id=int(tok.id)))
+                if tok.done:
+                    break
+                step_ids = torch.tensor([int(tok.id)], dtype=torch.long)
+            outbox.put(pb2.ClientFrame(close=pb2.Close()))
+            outbox.put(None)
+            for _ in call:  # drain to the server's OK status
+                pass
+        except grpc.RpcError as e:
+            raise _rpc_error(e) from None
+        except StopIteration:
+            raise SessionError(None, "the server ended the stream early") from None
+        finally:
+            outbox.put(None)
+            call.cancel()  # no-op after a clean end; frees the stream on any error
+        return GenerationResult(tokens, self._text(tokens), steps, session_id)
+
+    def _text(self, tokens: list[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _device_of(head: Any, model: Any) -> torch.device:
+    for obj in (head, model):
+        params = getattr(obj, "parameters", None)
+        if callable(params):
+            for p in params():
+                return p.device
+    return torch.device("cpu")
