@@ -1,0 +1,235 @@
+"""CLI verbs of the runtime: ``serve``, ``generate`` and ``demo`` (thin fronts over
+:func:`~fc_edge.runtime.server.start_server` and :class:`~fc_edge.runtime.client.DeviceClient`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+# gRPC's C core logs connection teardown (GOAWAY) at INFO on stderr; users need errors only.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from fc_edge.cli import add_codec_args, add_model_args, codec_kwargs  # noqa: E402
+from fc_edge.errors import ConfigError  # noqa: E402
+
+DEMO_CODECS = "identity,fourier,int8,rotated"
+DEMO_PROMPT = "Explain in two sentences why the sky is blue."
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve the tail of a split model (one gRPC session per generation)",
+        description="Serve layers[L:] + norm + lm_head of a model to device clients.")
+    add_model_args(p)
+    _add_split_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=50051, help="port (0: pick a free one)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--token", default=os.environ.get("FC_EDGE_TOKEN"),
+                   help="require this bearer token (default: $FC_EDGE_TOKEN)")
+    p.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="positions per session")
+    p.add_argument("--max-payload-bytes", type=int, default=64 * 1024 * 1024,
+                   help="largest activation frame accepted, bytes")
+    p.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="close a session silent for this many seconds")
+    p.set_defaults(func=cmd_serve)
+
+    g = subparsers.add_parser(
+        "generate", help="generate with the head here and the tail on a server",
+        description="Run layers[:L] here, compress each activation, finish on `fc-edge serve`.")
+    add_model_args(g)
+    _add_split_arg(g)
+    g.add_argument("--server", required=True, help="HOST:PORT of `fc-edge serve`")
+    g.add_argument("--prompt", required=True, help="prompt text (tokenized as is)")
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    _add_sampling_args(g)
+    g.add_argument("--token", default=os.environ.get("FC_EDGE_TOKEN"),
+                   help="the server's bearer token (default: $FC_EDGE_TOKEN)")
+    g.add_argument("--tls-ca", help="PEM CA certificate of the server: connect with TLS")
+    g.add_argument("--tls-server-name", help="expected name in the server's certificate")
+    add_codec_args(g, default="fourier")
+    g.set_defaults(func=cmd_generate)
+
+    d = subparsers.add_parser(
+        "demo", help="split generation on loopback with several codecs, compared in one table",
+        description="Start a server on 127.0.0.1, generate the same prompt with each codec, "
+        "print each text and one comparison table.")
+    add_model_args(d)
+    _add_split_arg(d)
+    d.add_argument("--prompt", default=DEMO_PROMPT)
+    d.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the model's chat template when it has one (default: yes)")
+    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--codecs", default=DEMO_CODECS,
+                   help=f"comma-separated codec names (default: {DEMO_CODECS}); codec "
+                   "parameters are each codec's defaults")
+    d.set_defaults(func=cmd_demo)
+
+
+def _add_split_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split-layer", type=int, default=None,
+                   help="L: the device runs layers[:L] (default: a quarter of the layers)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("sampling (on the server)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    s.add_argument("--top-k", type=int, default=0, help="0: off")
+    s.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    s.add_argument("--sample-seed", type=int, default=None, help="seed of the sampler")
+
+
+def _check_tokens(n: int) -> None:
+    if n < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {n}")
+
+
+# --- serve ------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fc_edge.runtime.server import start_server
+
+    handle = start_server(
+        args.model, args.split_layer, host=args.host, port=args.port, token=args.token,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, max_sessions=args.max_sessions,
+        max_seq_len=args.max_seq_len, max_payload_bytes=args.max_payload_bytes,
+        idle_timeout_s=args.idle_timeout)
+    extras = [x for x, on in (("TLS", handle.tls), ("token required", args.token)) if on]
+    print(f"fc-edge serve: {args.model} split at layer {handle.servicer.split_layer} "
+          f"(fingerprint {handle.fingerprint}) on {handle.address}"
+          + (f" [{', '.join(extras)}]" if extras else ""), flush=True)
+    try:
+        handle.wait()
+    except KeyboardInterrupt:
+        print("fc-edge serve: stopping", flush=True)
+        handle.stop(grace=2.0)
+    return 0
+
+
+# --- generate ---------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fc_edge.codecs import get_codec
+    from fc_edge.models.pretrained import load_model
+    from fc_edge.runtime.client import DeviceClient
+    from fc_edge.runtime.sampling import SamplingConfig
+    from fc_edge.runtime.timing import stage_table
+
+    _check_tokens(args.max_new_tokens)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.sample_seed)
+    kwargs = codec_kwargs(args)
+    codec: Any = get_codec(args.codec, **kwargs) if kwargs else args.codec
+    if isinstance(codec, str):
+        get_codec(codec)  # a wrong name fails here, before the model loads
+    model, tokenizer = load_model(args.model)
+    with DeviceClient(args.server, (model, tokenizer), args.split_layer, codec,
+                      token=args.token, tls_ca=args.tls_ca,
+                      tls_server_name=args.tls_server_name) as client:
+        result = client.generate(args.prompt, args.max_new_tokens, sampling=sampling,
+                                 chat=args.chat)
+    print(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
+    print()
+    print(stage_table(result))
+    print(f"\n{len(result.token_ids)} tokens, time to first token {result.ttft_s * 1e3:.1f} ms, "
+          f"time per output token {result.tpot_s * 1e3:.2f} ms (median), "
+          f"{result.bytes_up} bytes up, {result.bytes_down} bytes down, "
+          f"session {result.session_id}")
+    return 0
+
+
+# --- demo -------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fc_edge.codecs import get_codec
+    from fc_edge.models.pretrained import load_model
+
+    _check_tokens(args.max_new_tokens)
+    names = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    if not names:
+        raise ConfigError("--codecs is empty: give codec names, e.g. identity,fourier")
+    for name in names:
+        get_codec(name)  # fail on a wrong name before loading anything
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+    results = run_demo(model, tokenizer, names, args.prompt, args.max_new_tokens,
+                       split_layer=args.split_layer, chat=args.chat)
+    print(demo_table(results, model.config.hidden_size))
+    return 0
+
+
+def run_demo(model: Any, tokenizer: Any, codecs: list[str], prompt: str | list[int],
+             max_new_tokens: int, split_layer: int | None = None, chat: bool = True,
+             echo: bool = True) -> dict[str, Any]:
+    """Serve ``model`` on loopback and generate ``prompt`` once per codec.
+
+    Returns ``{codec name: GenerationResult}`` in the order given.
+    """
+    from fc_edge.runtime.client import DeviceClient
+    from fc_edge.runtime.server import default_split_layer, start_server
+
+    layer = split_layer if split_layer is not None else default_split_layer(model)
+    chat = chat and isinstance(prompt, str) and tokenizer is not None \
+        and bool(getattr(tokenizer, "chat_template", None))
+    results: dict[str, Any] = {}
+    with start_server(model, layer, host="127.0.0.1", port=0) as handle:
+        if echo:
+            n = model.config.num_hidden_layers
+            print(f"server on {handle.address}: layers {layer}..{n - 1} (tail); "
+                  f"device head: layers 0..{layer - 1}")
+            print(f"prompt{' (chat template)' if chat else ''}: {prompt!r}\n")
+        for name in codecs:
+            with DeviceClient(handle.address, (model, tokenizer), layer, name) as client:
+                result = client.generate(prompt, max_new_tokens, chat=chat)
+            results[name] = result
+            if echo:
+                text = result.text if result.text is not None else str(result.token_ids)
+                print(f"[{name}] {text.strip()}\n", flush=True)
+    return results
+
+
+def demo_table(results: dict[str, Any], hidden_size: int) -> str:
+    """One comparison row per codec: bytes, ratio vs float16, stage medians, agreement."""
+    from fc_edge.runtime.timing import format_table, ms
+
+    ref = results.get("identity")
+    rows = []
+    for name, r in results.items():
+        pre = r.prefill
+        dec = r.decode_steps
+        pre_b = pre.bytes_up if pre else 0
+        dec_b = int(r.median("bytes_up")) if dec else 0
+        pre_fp16 = pre.rows * hidden_size * 2 if pre else 0
+        used = "/".join([",".join(r.codecs_used("prefill")) or "-",
+                         ",".join(r.codecs_used("decode")) or "-"])
+        if ref is not None and ref.token_ids:
+            n = len(ref.token_ids)
+            same = sum(a == b for a, b in zip(ref.token_ids, r.token_ids, strict=False))
+            prefix = next((i for i, (a, b) in enumerate(zip(ref.token_ids, r.token_ids,
+                                                           strict=False)) if a != b),
+                          min(n, len(r.token_ids)))
+            agree = f"{same}/{n} ({prefix})"
+        else:
+            agree = "-"
+        rows.append([
+            name, used, pre_b, dec_b or "-",
+            f"{pre_fp16 / pre_b:.2f}x" if pre_b else "-",
+            f"{hidden_size * 2 / dec_b:.2f}x" if dec_b else "-",
+            ms(r.ttft_s), ms(r.tpot_s),
+            ms(r.median("device_compute_s")),
+            ms(r.median("encode_s") + r.median("pack_s")),
+            ms(r.median("network_s")),
+            ms(r.median("server_unpack_s") + r.median("server_decode_s")),
+            ms(r.median("server_compute_s")),
+            agree,
+        ])
+    headers = ["codec", "used pre/dec", "B/prefill", "B/decode", "vs fp16 pre", "vs fp16 dec",
+               "ttft ms", "tpot ms", "head", "enc+pack", "net", "unpack+dec", "tail",
+               "agree (prefix)"]
+    note = ("stage columns: median ms per decode step; vs fp16: float16 activation bytes / "
+            "payload bytes; agree: tokens equal to identity's at the same position (length of "
+            "the common prefix); a codec that refuses a shape (BudgetError) sends it as fp16")
+    return format_table(headers, rows) + "\n" + note
