@@ -1,0 +1,306 @@
+"""fc_edge/ops.py: the spectral block ops.
+
+CPU (always): the torch path equals a float64 oracle built from explicit DFT matrices, and
+decompress . compress is a projection (idempotent). CUDA (marked ``cuda``, skipped without a GPU
+or without the built ``fc_edge._C``): the fused op equals the torch path and passes
+``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fc_edge import ops
+from fc_edge.errors import ConfigError
+
+# ---------------------------------------------------------------- float64 oracle (DFT matrices)
+
+
+def dft(n: int, sign: float) -> torch.Tensor:
+    """(n, n) complex128 DFT matrix exp(sign 2 pi i j k / n)."""
+    j = torch.arange(n, dtype=torch.float64)
+    angle = sign * 2 * math.pi * torch.outer(j, j).remainder_(n) / n
+    return torch.polar(torch.ones_like(angle), angle)
+
+
+def oracle_compress(x: torch.Tensor, k_s: int, k_d: int) -> torch.Tensor:
+    """Block of the unnormalised 2-D DFT: rows ops.block_rows, columns 0..k_d-1, (B, R, k_d, 2)."""
+    S, D = x.shape[1], x.shape[2]
+    rows = ops.block_rows(S, k_s)
+    f_s = dft(S, -1.0)[rows]  # (R, S)
+    f_d = dft(D, -1.0)[:, :k_d]  # (D, k_d)
+    block = f_s @ x.to(torch.complex128) @ f_d
+    return torch.view_as_real(block)
+
+
+def oracle_decompress(block: torch.Tensor, S: int, D: int, k_s: int) -> torch.Tensor:
+    """irfft2(s=(S, D)) of the zero-padded block: inverse DFT along S over the kept rows, then
+    the real inverse along D, Re(sum_c w_c G_c e^{2 pi i c d / D}) / D with Hermitian weights w
+    (1 for DC and Nyquist, 2 between), which ignores their imaginary parts as every C2R does."""
+    k_d = block.shape[2]
+    coef = torch.view_as_complex(block.to(torch.float64).contiguous())
+    rows = ops.block_rows(S, k_s)
+    g = dft(S, +1.0)[:, rows] @ coef / S  # (B, S, k_d)
+    c = torch.arange(k_d)
+    weight = torch.where((c == 0) | ((D % 2 == 0) & (c == D // 2)), 1.0, 2.0).to(torch.float64)
+    e_d = dft(D, +1.0)[:k_d]  # (k_d, D)
+    return ((g * weight) @ e_d).real / D
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@st.composite
+def geometries(draw, max_s: int = 12, max_d: int = 12):
+    B = draw(st.integers(1, 3))
+    S = draw(st.integers(1, max_s))
+    D = draw(st.integers(1, max_d))
+    k_s = draw(st.integers(1, S // 2 + 1))
+    k_d = draw(st.integers(1, D // 2 + 1))
+    return B, S, D, k_s, k_d
+
+
+# ---------------------------------------------------------------- CPU: torch path vs oracle
+
+
+@settings(max_examples=60, deadline=None)
+@given(geometries(), st.integers(0, 2**31 - 1))
+def test_compress_torch_equals_dft_oracle(geometry, seed):
+    B, S, D, k_s, k_d = geometry
+    x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = ops.spectral_compress_torch(x, k_s, k_d)
+    assert got.shape == (B, ops.n_block_rows(S, k_s), k_d, 2)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert rel_err(got, oracle_compress(x, k_s, k_d)) <= 1e-5
+
+
+@settings(max_examples=60, deadline=None)
+@given(geometries(), st.integers(0, 2**31 - 1))
+def test_decompress_torch_equals_dft_oracle(geometry, seed):
+    B, S, D, k_s, k_d = geometry
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randn(B, ops.n_block_rows(S, k_s), k_d, 2, generator=gen)  # any block
+    got = ops.spectral_decompress_torch(block, S, D, k_s)
+    assert got.shape == (B, S, D) and got.dtype == torch.float32
+    want = oracle_decompress(block, S, D, k_s)
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "B,S,D,k_s,k_d",
+    [
+        (1, 1, 8, 1, 3),
+        (2, 1, 7, 1, 4),
+        (1, 7, 9, 3, 2),
+        (2, 9, 5, 5, 3),
+        (1, 16, 16, 9, 9),
+        (3, 2, 2, 2, 2),
+        (1, 13, 1, 4, 1),
+    ],
+)
+def test_decompress_of_compress_is_projection(B, S, D, k_s, k_d):
+    x = torch.randn(
+        B, S, D, generator=torch.Generator().manual_seed(S * 100 + D), dtype=torch.float64
+    )
+    block = ops.spectral_compress_torch(x, k_s, k_d)
+    want = oracle_decompress(block, S, D, k_s)
+    y = ops.spectral_decompress_torch(block, S, D, k_s)
+    assert rel_err(y, want) <= 1e-5
+    # projection: compress(decompress(b)) == b, decompress(compress(y)) == y
+    assert rel_err(ops.spectral_compress_torch(y, k_s, k_d), block) <= 1e-5
+    assert (
+        rel_err(
+            ops.spectral_decompress_torch(ops.spectral_compress_torch(y, k_s, k_d), S, D, k_s), y
+        )
+        <= 1e-5
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(geometries(max_s=16, max_d=16), st.integers(0, 2**31 - 1))
+def test_round_trip_is_idempotent(geometry, seed):
+    B, S, D, k_s, k_d = geometry
+    x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(seed))
+    y = ops.spectral_decompress(ops.spectral_compress(x, k_s, k_d), S, D, k_s)
+    y2 = ops.spectral_decompress(ops.spectral_compress(y, k_s, k_d), S, D, k_s)
+    assert rel_err(y2, y) <= 1e-5
+    # a projection never adds energy
+    assert y.norm() <= x.norm() * (1 + 1e-5)
+
+
+def test_full_block_is_exact_inverse():
+    x = torch.randn(2, 6, 10)
+    y = ops.spectral_decompress(ops.spectral_compress(x, 4, 6), 6, 10, 4)
+    assert rel_err(y, x) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_float32(dtype):
+    x = torch.randn(2, 9, 12).to(dtype)
+    got = ops.spectral_compress(x, 3, 4)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, ops.spectral_compress_torch(x.float(), 3, 4))
+
+
+def test_dispatch_on_cpu_is_the_torch_path():
+    x = torch.randn(2, 5, 8)
+    block = ops.spectral_compress(x, 2, 3)
+    assert torch.equal(block, ops.spectral_compress_torch(x, 2, 3))
+    assert torch.equal(
+        ops.spectral_decompress(block, 5, 8, 2), ops.spectral_decompress_torch(block, 5, 8, 2)
+    )
+
+
+def test_block_rows_order_and_count():
+    assert ops.block_rows(8, 3).tolist() == [0, 1, 2, 6, 7]
+    assert ops.block_rows(5, 3).tolist() == [0, 1, 2, 3, 4]
+    assert ops.block_rows(1, 1).tolist() == [0]
+    for S in range(1, 12):
+        for k_s in range(1, S // 2 + 2):
+            rows = ops.block_rows(S, k_s)
+            assert len(rows) == ops.n_block_rows(S, k_s) == len(set(rows.tolist()))
+
+
+@pytest.mark.parametrize("S,D,k_s,k_d", [(8, 8, 0, 1), (8, 8, 6, 1), (8, 8, 1, 0), (8, 8, 1, 6)])
+def test_bad_geometry_raises_config_error(S, D, k_s, k_d):
+    with pytest.raises(ConfigError):
+        ops.spectral_compress(torch.zeros(1, S, D), k_s, k_d)
+
+
+def test_extension_available_is_a_bool():
+    assert isinstance(ops.extension_available(), bool)
+
+
+# ---------------------------------------------------------------- CUDA: fused op vs torch path
+
+HAVE_CUDA = torch.cuda.is_available()
+cuda_only = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU"),
+    pytest.mark.skipif(
+        HAVE_CUDA and not ops.extension_available(),
+        reason="fc_edge._C is not built: run tools/build_ext.sh",
+    ),
+]
+
+
+def needs_cuda_ext(fn):
+    """Marks ``cuda`` and skips, with the reason, without a GPU or without fc_edge._C."""
+    for mark in cuda_only:
+        fn = mark(fn)
+    return fn
+
+
+CUDA_SHAPES = [  # (B, S, D, k_s, k_d): odd sizes, S == 1, R == S, full columns, S == 4096
+    (1, 1, 2048, 1, 256),
+    (3, 1, 7, 1, 4),
+    (2, 7, 9, 3, 4),
+    (2, 33, 65, 10, 20),
+    (1, 127, 130, 64, 66),
+    (4, 100, 96, 17, 49),
+    (1, 2, 2, 2, 2),
+    (2, 512, 2048, 64, 256),
+    (1, 4096, 2048, 256, 128),
+    (2, 4096, 257, 1, 1),
+]
+
+
+def _ids(shapes):
+    return ["x".join(map(str, s)) for s in shapes]
+
+
+@pytest.mark.parametrize("B,S,D,k_s,k_d", CUDA_SHAPES, ids=_ids(CUDA_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@needs_cuda_ext
+def test_cuda_compress_equals_torch(B, S, D, k_s, k_d, dtype):
+    x = torch.randn(B, S, D, device="cuda").to(dtype)
+    got = torch.ops.fc_edge.spectral_compress(x, k_s, k_d)
+    want = ops.spectral_compress_torch(x, k_s, k_d)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("B,S,D,k_s,k_d", CUDA_SHAPES, ids=_ids(CUDA_SHAPES))
+@needs_cuda_ext
+def test_cuda_decompress_equals_torch(B, S, D, k_s, k_d):
+    x = torch.randn(B, S, D, device="cuda")
+    block = ops.spectral_compress_torch(x, k_s, k_d)
+    got = torch.ops.fc_edge.spectral_decompress(block, S, D, k_s)
+    want = ops.spectral_decompress_torch(block, S, D, k_s)
+    assert got.shape == (B, S, D) and got.dtype == torch.float32
+    assert rel_err(got, want) <= 1e-5
+
+
+@needs_cuda_ext
+def test_cuda_dispatch_uses_fused_op_and_matches():
+    x = torch.randn(2, 40, 64, device="cuda")
+    block = ops.spectral_compress(x, 5, 9)
+    assert rel_err(block, ops.spectral_compress_torch(x, 5, 9)) <= 1e-5
+    y = ops.spectral_decompress(block, 40, 64, 5)
+    assert rel_err(y, ops.spectral_decompress_torch(block, 40, 64, 5)) <= 1e-5
+
+
+@needs_cuda_ext
+def test_cuda_misaligned_and_strided_inputs():
+    B, S, D = 2, 17, 24
+    flat = torch.randn(B * S * D + 1, device="cuda")
+    x = flat[1:].view(B, S, D)  # 4-byte offset: not 16-byte aligned
+    want = ops.spectral_compress_torch(x, 4, 7)
+    assert rel_err(torch.ops.fc_edge.spectral_compress(x, 4, 7), want) <= 1e-5
+    xt = torch.randn(B, D, S, device="cuda").transpose(1, 2)  # non-contiguous
+    assert (
+        rel_err(
+            torch.ops.fc_edge.spectral_compress(xt, 4, 7), ops.spectral_compress_torch(xt, 4, 7)
+        )
+        <= 1e-5
+    )
+
+
+@needs_cuda_ext
+def test_cuda_side_stream_and_plan_cache():
+    x = torch.randn(2, 64, 128, device="cuda")
+    want = ops.spectral_compress_torch(x, 8, 16)
+    torch.ops.fc_edge.spectral_compress(x, 8, 16)
+    size = torch.ops.fc_edge.plan_cache_size()
+    torch.ops.fc_edge.spectral_compress(x, 8, 16)
+    assert torch.ops.fc_edge.plan_cache_size() == size  # same key: reused
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = torch.ops.fc_edge.spectral_compress(x, 8, 16)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert rel_err(got, want) <= 1e-5
+    try:
+        torch.ops.fc_edge.set_plan_cache_capacity(2)
+        for S in (10, 11, 12):
+            torch.ops.fc_edge.spectral_compress(torch.randn(1, S, 16, device="cuda"), 2, 3)
+        assert torch.ops.fc_edge.plan_cache_size() <= 2
+    finally:
+        torch.ops.fc_edge.set_plan_cache_capacity(16)
+
+
+@needs_cuda_ext
+def test_cuda_bad_arguments_raise():
+    x = torch.randn(1, 8, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="k_s"):
+        torch.ops.fc_edge.spectral_compress(x, 6, 2)
+    with pytest.raises(RuntimeError, match="rows"):
+        torch.ops.fc_edge.spectral_decompress(torch.zeros(1, 4, 2, 2, device="cuda"), 8, 8, 2)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.fc_edge.spectral_compress(x.double(), 2, 2)
+
+
+@pytest.mark.parametrize("B,S,D,k_s,k_d", [(2, 7, 9, 3, 4), (1, 1, 16, 1, 5), (2, 64, 128, 8, 16)])
+@needs_cuda_ext
+def test_cuda_opcheck(B, S, D, k_s, k_d):
+    x = torch.randn(B, S, D, device="cuda")
+    torch.library.opcheck(torch.ops.fc_edge.spectral_compress.default, (x, k_s, k_d))
+    block = ops.spectral_compress_torch(x, k_s, k_d)
+    torch.library.opcheck(torch.ops.fc_edge.spectral_decompress.default, (block, S, D, k_s))
