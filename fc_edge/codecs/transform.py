@@ -18,7 +18,8 @@ which).
 
 Rate control: ``max_bits`` (default 4.0) caps the *packed* payload, header included, in bits per
 activation element (dtype-independent: 4 bits is 1/8 of float32, 1/4 of float16); ``ratio`` caps
-it relative to the raw bytes instead. If the payload is over the cap, ``bits`` is lowered one at a
+it relative to the raw bytes instead; ``max_bits=0`` removes the cap. If the payload is over the
+cap, ``bits`` is lowered one at a
 time (down to 2); if even that does not fit, :class:`~fc_edge.errors.BudgetError`. Every row is
 coded on its own, so decode steps see exactly what prefill rows see.
 """
@@ -62,14 +63,33 @@ TRANSFORM_NAMES = {v: k for k, v in TRANSFORMS.items()}
 ENTROPY = {"none": 0, "deflate": 1}
 
 
-@functools.lru_cache(maxsize=16)
-def dct_matrix(D: int, device: str = "cpu") -> torch.Tensor:
-    """Orthonormal DCT-II matrix ``(D, D)``: ``y = C @ x``."""
-    n = torch.arange(D, dtype=torch.float64)
-    k = n.view(-1, 1)
-    c = torch.cos(math.pi * (2 * n + 1) * k / (2 * D)) * math.sqrt(2.0 / D)
-    c[0] /= math.sqrt(2.0)
-    return c.to(torch.float32).to(device)
+def dct(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal DCT-II along the last axis via one FFT of length D (Makhoul), O(D) memory."""
+    N = x.shape[-1]
+    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
+    k = torch.arange(N, device=x.device, dtype=torch.float64)
+    w = torch.exp(-0.5j * math.pi * k / N).to(torch.complex64)
+    y = 2 * (torch.fft.fft(v, dim=-1) * w).real
+    scale = torch.full((N,), math.sqrt(1 / (2 * N)), device=x.device)
+    scale[0] = math.sqrt(1 / (4 * N))
+    return y * scale
+
+
+def idct(y: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`dct` (orthonormal DCT-III)."""
+    N = y.shape[-1]
+    scale = torch.full((N,), math.sqrt(2 * N), device=y.device)
+    scale[0] = math.sqrt(4 * N)
+    u = y * scale  # unnormalised DCT-II coefficients
+    k = torch.arange(N, device=y.device, dtype=torch.float64)
+    w = (0.5 * torch.exp(0.5j * math.pi * k / N)).to(torch.complex64)
+    u_rev = torch.cat([torch.zeros_like(u[..., :1]), u[..., 1:].flip(-1)], dim=-1)  # u[N-k]
+    v = torch.fft.ifft(torch.complex(u, -u_rev) * w, dim=-1).real
+    half = (N + 1) // 2
+    x = torch.empty_like(v)
+    x[..., ::2] = v[..., :half]
+    x[..., 1::2] = v[..., half:].flip(-1)
+    return x
 
 
 def hadamard_block(D: int) -> int:
@@ -97,7 +117,7 @@ def rotate(rows: torch.Tensor, transform: int, seed: int) -> torch.Tensor:
     D = rows.shape[1]
     dev = str(rows.device)
     if transform == TRANSFORMS["dct"]:
-        return rows @ dct_matrix(D, dev).T
+        return dct(rows)
     h = hadamard_block(D)
     y = (rows * hadamard_signs(D, seed, dev)).view(-1, D // h, h) @ hadamard_matrix(h, dev)
     return y.view(-1, D)
@@ -108,7 +128,7 @@ def unrotate(coefs: torch.Tensor, transform: int, seed: int) -> torch.Tensor:
     D = coefs.shape[1]
     dev = str(coefs.device)
     if transform == TRANSFORMS["dct"]:
-        return coefs @ dct_matrix(D, dev)
+        return idct(coefs)
     h = hadamard_block(D)
     y = (coefs.view(-1, D // h, h) @ hadamard_matrix(h, dev).T).view(-1, D)
     return y * hadamard_signs(D, seed, dev)
@@ -146,7 +166,7 @@ class RotatedCodec(Codec):
 
     def __init__(self, bits: int = 4, group_size: int = 64, transform: str = "dct",
                  keep: int | None = None, seed: int = 0, entropy: str = "deflate",
-                 max_bits: float | None = 4.0, ratio: float | None = None) -> None:
+                 max_bits: float = 4.0, ratio: float | None = None) -> None:
         self.bits = check_bits(bits)
         self.group_size = check_group_size(group_size)
         if transform not in TRANSFORMS:
@@ -158,9 +178,9 @@ class RotatedCodec(Codec):
         if not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ConfigError(f"seed must be an integer in 0..2**32-1, got {seed!r}")
         self.ratio = check_ratio(ratio)
-        if max_bits is not None and (not math.isfinite(max_bits) or max_bits <= 0):
-            raise ConfigError(f"max_bits must be a positive number, got {max_bits!r}")
-        self.max_bits = None if ratio is not None else max_bits
+        if not isinstance(max_bits, (int, float)) or not math.isfinite(max_bits) or max_bits < 0:
+            raise ConfigError(f"max_bits must be a number >= 0 (0 = no cap), got {max_bits!r}")
+        self.max_bits = 0.0 if ratio is not None else float(max_bits)
         self.transform, self.keep, self.seed, self.entropy = transform, keep, seed, entropy
 
     def config(self) -> dict[str, Any]:
@@ -174,7 +194,7 @@ class RotatedCodec(Codec):
         """Packed-bytes cap for ``x`` (header included), or None for no cap."""
         if self.ratio is not None:
             return math.floor(x.numel() * x.element_size() / self.ratio)
-        if self.max_bits is not None:
+        if self.max_bits:
             return math.floor(x.numel() * self.max_bits / 8)
         return None
 

@@ -1,0 +1,144 @@
+"""The wire format: exact round trips, and any byte string is either valid or a WireError."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fc_edge import wire
+from fc_edge.codecs import decode, get_codec
+from fc_edge.codecs.base import header_bytes
+from fc_edge.errors import WireError
+
+CODECS = [("identity", {}), ("fourier", {"ratio": 4}), ("topk", {"ratio": 4}),
+          ("svd", {"ratio": 2}), ("qr", {"ratio": 2}), ("int8", {}), ("bf16", {}),
+          ("quant", {"bits": 3, "group_size": 16}), ("rotated", {}),
+          ("rotated", {"entropy": "none", "max_bits": 0})]
+
+
+def payloads():
+    x = torch.randn(2, 12, 96, generator=torch.Generator().manual_seed(0))
+    return {f"{n}{kw}": wire.pack(get_codec(n, **kw).encode(x)) for n, kw in CODECS}
+
+
+PAYLOADS = payloads()
+
+
+def check_any(data: bytes, max_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
+    """unpack either raises WireError or returns a payload that decodes cleanly."""
+    try:
+        enc = wire.unpack(data, max_bytes=max_bytes)
+    except WireError:
+        return
+    out = decode(enc)
+    assert tuple(out.shape) == enc.shape
+
+
+@pytest.mark.parametrize("key", list(PAYLOADS))
+def test_round_trip_is_exact(key):
+    data = PAYLOADS[key]
+    enc = wire.unpack(data)
+    assert wire.pack(enc) == data  # re-packing reproduces every byte
+    assert len(data) >= header_bytes(type(get_codec(enc.codec)), 3)
+
+
+def test_header_layout_matches_the_document():
+    x = torch.randn(3, 8)
+    data = wire.pack(get_codec("fourier", k_s=2, k_d=3, value_dtype="float32").encode(x))
+    assert data[:2] == b"FC" and data[2] == 1 and data[3] == 2  # magic, version, fourier id
+    assert data[4] == 1 and data[5] == 2  # float32, 2 dims
+    assert struct.unpack_from("<2I", data, 6) == (3, 8)
+    assert struct.unpack_from("<IIB", data, 14) == (2, 3, 1)  # k_s, k_d, value dtype
+    (body_len,) = struct.unpack_from("<I", data, 23)
+    assert body_len == 3 * 3 * 2 * 4 + 4  # R=3 rows x k_d=3 complex float32 + scale
+    assert len(data) == 27 + body_len + 4
+    assert struct.unpack("<I", data[-4:])[0] == zlib.crc32(data[:-4])
+
+
+@pytest.mark.parametrize("key", list(PAYLOADS))
+def test_every_truncation_is_a_wire_error(key):
+    data = PAYLOADS[key]
+    for n in range(len(data)):
+        with pytest.raises(WireError):
+            wire.unpack(data[:n])
+    with pytest.raises(WireError):
+        wire.unpack(data + b"\0")
+
+
+@pytest.mark.parametrize("key", list(PAYLOADS))
+def test_every_single_bit_flip_is_caught(key):
+    data = bytearray(PAYLOADS[key])
+    step = max(1, len(data) // 300)
+    for i in range(0, len(data), step):
+        for bit in (0, 5):
+            bad = bytearray(data)
+            bad[i] ^= 1 << bit
+            with pytest.raises(WireError):
+                wire.unpack(bytes(bad))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200))
+def test_random_bytes(data):
+    check_any(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(list(PAYLOADS)), st.data())
+def test_mutated_headers_with_valid_crc(key, data):
+    """Rewrite header fields and fix the CRC: only WireError or a decodable payload."""
+    raw = bytearray(PAYLOADS[key][:-4])
+    n_edits = data.draw(st.integers(1, 4))
+    for _ in range(n_edits):
+        pos = data.draw(st.integers(0, min(len(raw) - 1, 40)))
+        raw[pos] = data.draw(st.integers(0, 255))
+    fixed = bytes(raw) + struct.pack("<I", zlib.crc32(raw))
+    check_any(fixed)
+
+
+def test_out_of_range_indices_with_valid_crc_are_refused():
+    x = torch.randn(4, 16)
+    enc = get_codec("topk", k=5).encode(x)
+    enc.tensors["indices"] = enc.tensors["indices"].clone()
+    enc.tensors["indices"][0, 0] = 4 * 16 + 3  # fits the u8 index type, but out of range
+    with pytest.raises(WireError, match="out of range"):
+        wire.unpack(wire.pack(enc))
+
+
+def test_corrupt_entropy_stream_with_valid_crc_is_refused():
+    enc = get_codec("rotated").encode(torch.randn(8, 576))
+    assert enc.params["entropy"] == 1
+    stream = enc.tensors["codes"].clone()
+    stream[len(stream) // 2:] = 0xFF
+    enc.tensors["codes"] = stream
+    with pytest.raises(WireError):
+        wire.unpack(wire.pack(enc))
+
+
+def test_size_cap_refuses_before_allocating():
+    # A 26-byte payload that declares a 2^31 x 2^31 activation must not allocate it.
+    head = b"FC" + bytes([1, 1, 1, 2]) + struct.pack("<2I", 2**31, 2**31) + struct.pack("<B", 1)
+    body_len = struct.pack("<I", 0)
+    data = head + body_len
+    data += struct.pack("<I", zlib.crc32(data))
+    with pytest.raises(WireError, match="cap"):
+        wire.unpack(data)
+    small = PAYLOADS["identity{}"]
+    with pytest.raises(WireError, match="cap"):
+        wire.unpack(small, max_bytes=100)
+    wire.unpack(small)  # the default cap admits it
+
+
+def test_unknown_codec_version_and_dtype():
+    good = bytearray(PAYLOADS["int8{}"])
+    for pos, value, what in [(3, 99, "codec"), (2, 9, "version"), (4, 7, "dtype")]:
+        bad = bytearray(good)
+        bad[pos] = value
+        bad[-4:] = struct.pack("<I", zlib.crc32(bad[:-4]))
+        with pytest.raises(WireError, match=what):
+            wire.unpack(bytes(bad))
