@@ -8,3 +8,9 @@
 
 Protocol: ``docs/protocol.md``.
 """
+
+import os as _os
+
+# gRPC's C core logs connection teardown (GOAWAY) at INFO on stderr; keep to errors unless the
+# user asked for more.
+_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -8,11 +8,8 @@ import os
 import time
 from typing import Any
 
-# gRPC's C core logs connection teardown (GOAWAY) at INFO on stderr; users need errors only.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-
-from fc_edge.cli import add_codec_args, add_model_args, codec_kwargs  # noqa: E402
-from fc_edge.errors import ConfigError  # noqa: E402
+from fc_edge.cli import add_codec_args, add_model_args, codec_kwargs
+from fc_edge.errors import ConfigError
 
 DEMO_CODECS = "identity,fourier,int8,rotated"
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
