@@ -10,9 +10,10 @@ the last one ends, after an optional think time):
     downlink: FIFO link of rate R, then latency     shared
 
 Service times and byte counts are drawn from :class:`Empirical` distributions of the profiler's
-measurements, so the simulation inherits their spread. ``cpu_cores`` models a loopback test
-where clients and server share one host: every compute stage then also holds one of that many
-cores (the set-up of the real N-client check on this machine).
+measurements, so the simulation inherits their spread. Two options model a loopback test where
+clients and server share one host: ``device_slots`` makes the clients' device stages share that
+many slots (client threads in one Python process take turns: the interpreter lock), and
+``cpu_cores`` makes every compute stage, device or server, also hold one of that many cores.
 
 :func:`simulate_open_queue` is the textbook open queue (Poisson arrivals, G workers) that the
 tests check against M/M/1's closed form, mean response 1/(mu - lambda).
@@ -136,19 +137,21 @@ def simulate_clients(
     generations_per_client: int = 20,
     cpu_cores: int | None = None,
     seed: int = 0,
+    device_slots: int | None = None,
 ) -> ClientSimResult:
     """Simulate ``n_clients`` closed-loop clients, each running ``generations_per_client``
     generations of ``workload`` against a server with ``workers`` workers over ``link``."""
     if n_clients < 1 or workers < 1 or generations_per_client < 1:
         raise ConfigError("n_clients, workers and generations_per_client must be >= 1")
-    if cpu_cores is not None and cpu_cores < 1:
-        raise ConfigError("cpu_cores must be >= 1 (or None for devices of their own)")
+    if (cpu_cores is not None and cpu_cores < 1) or (device_slots is not None and device_slots < 1):
+        raise ConfigError("cpu_cores and device_slots must be >= 1 (or None: not shared)")
     rng = random.Random(seed)
     env = simpy.Environment()
     uplink = simpy.Resource(env, capacity=1)
     downlink = simpy.Resource(env, capacity=1)
     server = simpy.Resource(env, capacity=workers)
     cpu = simpy.Resource(env, capacity=cpu_cores) if cpu_cores else None
+    device_pool = simpy.Resource(env, capacity=device_slots) if device_slots else None
     gen_s: list[float] = []
     ttft_s: list[float] = []
     tpot_s: list[float] = []
@@ -167,8 +170,16 @@ def simulate_clients(
             yield env.timeout(link.serialization_s(int(nbytes)))
         yield env.timeout(link.sample_latency_s(rng))
 
+    def device_compute(seconds: float):
+        if device_pool is None:
+            yield from compute(seconds)
+        else:
+            with device_pool.request() as slot:
+                yield slot
+                yield from compute(seconds)
+
     def step(demand: StepDemand):
-        yield from compute(demand.device_s.sample(rng))
+        yield from device_compute(demand.device_s.sample(rng))
         yield from transfer(uplink, demand.bytes_up.sample(rng))
         with server.request() as worker:
             yield worker
@@ -202,10 +213,12 @@ def sweep_clients(
     generations_per_client: int = 10,
     cpu_cores: int | None = None,
     seed: int = 0,
+    device_slots: int | None = None,
 ) -> list[ClientSimResult]:
     """:func:`simulate_clients` for each N in ``clients``."""
     return [
-        simulate_clients(workload, n, link, workers, generations_per_client, cpu_cores, seed)
+        simulate_clients(workload, n, link, workers, generations_per_client, cpu_cores, seed,
+                         device_slots)
         for n in clients
     ]
 

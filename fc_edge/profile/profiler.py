@@ -1,0 +1,248 @@
+"""`fc-edge profile`: measure the real runtime, apply the links, simulate many clients, report.
+
+:func:`run_profile` is the one entry point (the CLI verb and ``tools/profile_latency.py`` are
+thin fronts over it). It
+
+1. starts the edge server in a child process and builds the device side here;
+2. per codec and prompt length, runs ``repeats`` generations of ``new_tokens`` tokens (after one
+   untimed warm-up per codec) and keeps every step's :class:`~fc_edge.runtime.timing.StepTiming`;
+3. applies each analytic link to the measured bytes and sweeps the link rate;
+4. simulates N clients per codec over ``sim_link`` with ``workers`` server workers;
+5. runs N = 1, 2, 4, 8 real concurrent clients on loopback and compares their mean response
+   time with the simulation of this host (clients and server sharing its CPU cores);
+6. writes ``profile.json``, ``profile.md`` and PNGs to ``out``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fc_edge.errors import ConfigError
+from fc_edge.profile.driver import DeviceSide, ServerProcess, generate, make_codec, run_concurrent
+from fc_edge.profile.link import PRESETS, LinkModel, parse_links
+from fc_edge.profile.report import (
+    DEFAULT_SWEEP_RATES,
+    DEVICE_FIELDS,
+    SERVER_FIELDS,
+    on_link,
+    rate_sweep,
+    step_dict,
+    summarize_steps,
+    write_report,
+)
+from fc_edge.profile.simulate import (
+    Empirical,
+    StepDemand,
+    Workload,
+    saturation_clients,
+    simulate_clients,
+    sweep_clients,
+)
+
+DEFAULT_CODECS = "identity,int8,fourier"
+DEFAULT_PROMPT_LENGTHS = "32,128"
+DEFAULT_CHECK_CLIENTS = (1, 2, 4, 8)
+DEFAULT_SIM_CLIENTS = (1, 2, 4, 8, 16, 32, 64)
+CHECK_TOLERANCE = 0.20
+
+
+@dataclass
+class ProfileConfig:
+    """What to profile. Times in seconds, sizes in tokens."""
+
+    model: str = "smollm2-135m"
+    split_layer: int | None = None
+    codecs: list[str] = field(default_factory=lambda: DEFAULT_CODECS.split(","))
+    codec_kwargs: dict[str, Any] = field(default_factory=dict)
+    prompt_lengths: list[int] = field(default_factory=lambda: [32, 128])
+    new_tokens: int = 8
+    repeats: int = 2
+    links: list[LinkModel] = field(default_factory=lambda: list(PRESETS.values()))
+    sim_link: str | None = None  # default: the first of links
+    workers: int = 1
+    sim_clients: list[int] = field(default_factory=lambda: list(DEFAULT_SIM_CLIENTS))
+    check_clients: list[int] = field(default_factory=lambda: list(DEFAULT_CHECK_CLIENTS))
+    check_new_tokens: int = 6
+    threads: int = 1
+    seed: int = 0
+    out: Path = Path("profile-out")
+
+    def validate(self) -> None:
+        if not self.codecs:
+            raise ConfigError("no codec given: use e.g. --codecs identity,int8,fourier")
+        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
+            raise ConfigError("--prompt-lengths must be integers >= 1, e.g. 32,128")
+        if self.new_tokens < 2:
+            raise ConfigError("--new-tokens must be >= 2 (one prefill and one decode step)")
+        if self.repeats < 1 or self.threads < 1 or self.workers < 1:
+            raise ConfigError("--repeats, --threads and --workers must be >= 1")
+        if any(n < 1 for n in [*self.sim_clients, *self.check_clients]):
+            raise ConfigError("client counts must be >= 1")
+        if self.sim_link is not None and self.sim_link not in [ln.name for ln in self.links]:
+            self.links.append(parse_links(self.sim_link)[0])
+
+
+def workload_from_steps(steps: Sequence[dict], new_tokens: int) -> Workload:
+    """The simulation's demands, as empirical distributions of the measured steps."""
+    def demand(phase: str) -> StepDemand:
+        ss = [s for s in steps if s["phase"] == phase]
+        if not ss:
+            raise ConfigError(f"no {phase} steps were measured")
+        return StepDemand(
+            device_s=Empirical(sum(s[f] for f in DEVICE_FIELDS) for s in ss),
+            server_s=Empirical(sum(s[f] for f in SERVER_FIELDS) for s in ss),
+            bytes_up=Empirical(s["bytes_up"] for s in ss),
+            bytes_down=Empirical(s["bytes_down"] for s in ss),
+        )
+
+    return Workload(demand("prefill"), demand("decode"), decode_steps=new_tokens - 1)
+
+
+def loopback_link(steps: Sequence[dict]) -> LinkModel:
+    """Loopback as a link: no rate limit to speak of, the measured rpc time as latency (half
+    the median round trip each way)."""
+    rpc = sorted(s["network_s"] for s in steps)
+    return LinkModel("loopback", 1e12, latency_s=rpc[len(rpc) // 2] / 2, frame_overhead=0)
+
+
+def run_profile(cfg: ProfileConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run the whole profile (see the module docstring); returns the report dict and writes it."""
+    cfg.validate()
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    codecs = {name: make_codec(name, cfg.codec_kwargs) for name in cfg.codecs}
+    runs: list[dict] = []
+    check: dict | None = None
+    log(f"profile: starting the edge server ({cfg.model}) in a child process")
+    with ServerProcess(cfg.model, cfg.split_layer, threads=cfg.threads) as server:
+        device = DeviceSide(cfg.model, server.split, threads=cfg.threads)
+        hidden = int(device.model.config.hidden_size)
+        log(f"profile: server at {server.address}, split layer {server.split}, "
+            f"hidden size {hidden}")
+        for name, codec in codecs.items():
+            client = device.client(server.address, codec)
+            try:
+                generate(client, device.prompt(min(cfg.prompt_lengths), cfg.seed), 2)  # warm-up
+                for plen in cfg.prompt_lengths:
+                    prompt = device.prompt(plen, cfg.seed + plen)
+                    steps: list[dict] = []
+                    for _ in range(cfg.repeats):
+                        res = generate(client, prompt, cfg.new_tokens)
+                        steps += [step_dict(s) for s in res.steps]
+                    summary = summarize_steps(steps, hidden)
+                    runs.append({"codec": name, "codec_config": _codec_config(codec),
+                                 "prompt_len": plen, "summary": summary, "steps": steps})
+                    log(f"profile: {name:>10} prompt {plen:>4}: TTFT "
+                        f"{summary['ttft']['median'] * 1e3:7.1f} ms, TPOT "
+                        f"{summary['tpot']['median'] * 1e3:6.1f} ms, "
+                        f"{summary['prefill']['bytes_up']:,.0f} B prefill, "
+                        f"{summary['decode']['bytes_up']:,.0f} B per decode step")
+            finally:
+                client.close()
+        if cfg.check_clients:
+            check = multi_client_check(cfg, device, server.address, codecs[cfg.codecs[0]], log)
+    for run in runs:
+        run["links"] = [on_link(run["summary"], ln, cfg.new_tokens) for ln in cfg.links]
+        run["rate_sweep"] = rate_sweep(run["summary"], cfg.new_tokens, DEFAULT_SWEEP_RATES)
+    simulation = simulate_codecs(cfg, runs) if cfg.sim_clients else None
+    report = {
+        "config": {**{k: v for k, v in asdict(cfg).items() if k not in ("links", "out")},
+                   "links": [ln.name for ln in cfg.links],
+                   "link_models": [ln.as_dict() for ln in cfg.links],
+                   "split_layer": server.split, "out": str(cfg.out)},
+        "environment": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
+                        "threads": cfg.threads, "device": str(device.head_device),
+                        "hidden_size": hidden, "platform": platform.platform()},
+        "preset_rates": {k: v.rate_bps for k, v in PRESETS.items()},
+        "runs": runs,
+        "simulation": simulation,
+        "multi_client_check": check,
+    }
+    report["wall_s"] = time.perf_counter() - t_start
+    paths = write_report(report, Path(cfg.out))
+    log(f"profile: wrote {', '.join(str(p) for p in paths)} in {report['wall_s']:.0f} s")
+    return report
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def _codec_config(codec: Any) -> dict:
+    try:
+        return {"name": codec.name, **codec.config()}
+    except Exception:  # noqa: BLE001 - a label is enough for the report
+        return {"name": getattr(codec, "name", str(codec))}
+
+
+def simulate_codecs(cfg: ProfileConfig, runs: list[dict]) -> dict:
+    """Figure 7: simulated response vs N per codec (largest prompt) over ``sim_link``."""
+    link_name = cfg.sim_link or cfg.links[0].name
+    link = next(ln for ln in cfg.links if ln.name == link_name)
+    plen = max(cfg.prompt_lengths)
+    out: dict[str, Any] = {"link": link.name, "workers": cfg.workers, "prompt_len": plen,
+                           "codecs": {}}
+    for run in runs:
+        if run["prompt_len"] != plen:
+            continue
+        w = workload_from_steps(run["steps"], cfg.new_tokens)
+        sweep = sweep_clients(w, link, cfg.sim_clients, workers=cfg.workers,
+                              generations_per_client=10, seed=cfg.seed)
+        out["codecs"][run["codec"]] = {
+            "sweep": [r.summary() for r in sweep],
+            "saturation": saturation_clients(w, link, workers=cfg.workers),
+        }
+    return out
+
+
+def multi_client_check(cfg: ProfileConfig, device: DeviceSide, address: str, codec: Any,
+                       log: Callable[[str], None]) -> dict:
+    """Real N-client runs on loopback vs the simulation of this host.
+
+    Clients are threads of this process and the server is one process, all on this host's
+    cores. A Python process runs one thread's interpreter work at a time, and at this model size
+    a step is mostly interpreter work (two threads stepping the tail together ran no faster than
+    one, measured while writing this), so the simulation of this host has one device slot
+    shared by all clients, one server worker, ``cpu_cores = os.cpu_count()`` cores under both,
+    and loopback as a link whose latency is the measured rpc time. Service times come from the
+    first (smallest) N's run.
+    """
+    plen = min(cfg.prompt_lengths)
+    prompt = device.prompt(plen, cfg.seed + 7)
+    cores = os.cpu_count() or 1
+    gens = 2
+    rows = []
+    base: Workload | None = None
+    lo: LinkModel | None = None
+    for n in sorted(set(cfg.check_clients)):
+        real = run_concurrent(device, address, codec, n, prompt, cfg.check_new_tokens, gens)
+        walls = [w for ws in real["walls"] for w in ws]
+        measured = sum(walls) / len(walls)
+        if base is None:  # the first (smallest) N calibrates the model
+            steps = [step_dict(s) for rs in real["results"] for r in rs for s in r.steps]
+            base = workload_from_steps(steps, cfg.check_new_tokens)
+            lo = loopback_link(steps)
+        sim = simulate_clients(base, n, lo, workers=1, device_slots=1, cpu_cores=cores,
+                               generations_per_client=max(gens, 20 // n), seed=cfg.seed)
+        err = (sim.mean_s - measured) / measured
+        rows.append({"n_clients": n, "measured_mean_s": measured, "simulated_mean_s": sim.mean_s,
+                     "measured_samples_s": walls, "rel_error": err,
+                     "within_tolerance": abs(err) <= CHECK_TOLERANCE,
+                     "measured_throughput_gen_per_s": len(walls) / real["makespan_s"],
+                     "simulated_throughput_gen_per_s": sim.throughput_per_s})
+        log(f"profile: {n} concurrent client(s): measured {measured * 1e3:.0f} ms, simulated "
+            f"{sim.mean_s * 1e3:.0f} ms per generation ({err:+.1%})")
+    return {"codec": codec.name, "prompt_len": plen, "new_tokens": cfg.check_new_tokens,
+            "generations_per_client": gens, "cpu_cores": cores, "device_slots": 1,
+            "server_workers": 1, "load_average": _loadavg(), "tolerance": CHECK_TOLERANCE,
+            "rows": rows, "all_within_tolerance": all(r["within_tolerance"] for r in rows)}
