@@ -30,9 +30,11 @@ InputDType input_dtype(const at::Tensor& x) {
     case at::kHalf: return InputDType::Float16;
     case at::kBFloat16: return InputDType::BFloat16;
     default:
-      TORCH_CHECK(false, "fc_edge::spectral_compress: x must be float32, float16 or bfloat16, got ",
-                  x.scalar_type());
+      break;
   }
+  TORCH_CHECK(false, "fc_edge::spectral_compress: x must be float32, float16 or bfloat16, got ",
+              x.scalar_type());
+  return InputDType::Float32;  // not reached
 }
 
 void check_block_geometry(const char* op, int64_t S, int64_t D, int64_t k_s, int64_t k_d) {

@@ -78,7 +78,12 @@ def test_compress_torch_equals_dft_oracle(geometry, seed):
     got = ops.spectral_compress_torch(x, k_s, k_d)
     assert got.shape == (B, ops.n_block_rows(S, k_s), k_d, 2)
     assert got.dtype == torch.float32 and got.is_contiguous()
-    assert rel_err(got, oracle_compress(x, k_s, k_d)) <= 1e-5
+    want = oracle_compress(x.float().double(), k_s, k_d)  # the path computes in float32
+    # float32 FFT error scales with the whole spectrum (norm sqrt(S D) |x|, Parseval), so a
+    # block that cancels to almost nothing (a DC of zero-mean data) is held to that, not to 1e-5
+    # of itself.
+    spectrum = math.sqrt(S * D) * float(x.norm())
+    assert float((got.double() - want).norm()) <= 1e-5 * float(want.norm()) + 1e-6 * spectrum
 
 
 @settings(max_examples=60, deadline=None)
@@ -130,7 +135,8 @@ def test_round_trip_is_idempotent(geometry, seed):
     x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(seed))
     y = ops.spectral_decompress(ops.spectral_compress(x, k_s, k_d), S, D, k_s)
     y2 = ops.spectral_decompress(ops.spectral_compress(y, k_s, k_d), S, D, k_s)
-    assert rel_err(y2, y) <= 1e-5
+    # against |x|: y itself can be nearly zero (only the DC of zero-mean data kept)
+    assert float((y2 - y).norm()) <= 1e-5 * float(x.norm())
     # a projection never adds energy
     assert y.norm() <= x.norm() * (1 + 1e-5)
 
