@@ -18,12 +18,12 @@ from fc_edge.errors import ConfigError, FcEdgeError
 # verb modules, imported lazily so `fc-edge --help` stays fast and a missing optional
 # dependency only breaks its own verb.
 VERB_MODULES = [
-    "fc_edge.runtime.commands",    # serve, generate, demo
-    "fc_edge.profile.commands",    # profile
-    "fc_edge.analysis.commands",   # analyze
-    "fc_edge.eval.commands",       # eval
-    "fc_edge.engine.commands",     # export
-    "fc_edge.codecs.commands",     # bench, codecs
+    "fc_edge.runtime.commands",  # serve, generate, demo
+    "fc_edge.profile.commands",  # profile
+    "fc_edge.analysis.commands",  # analyze
+    "fc_edge.eval.commands",  # eval
+    "fc_edge.engine.commands",  # export
+    "fc_edge.codecs.commands",  # bench, codecs
 ]
 
 # Codec flags: `--codec NAME` plus one flag per codec keyword, named after it.
@@ -45,12 +45,14 @@ CODEC_FLAGS: dict[str, dict[str, Any]] = {
 }
 
 
-def add_codec_args(parser: argparse.ArgumentParser, default: str | None = "fourier",
-                   multiple: bool = False) -> None:
+def add_codec_args(
+    parser: argparse.ArgumentParser, default: str | None = "fourier", multiple: bool = False
+) -> None:
     """Add ``--codec`` and the codec keyword flags to a verb's parser."""
     if multiple:
-        parser.add_argument("--codecs", default=default,
-                            help="comma-separated codec names (see `fc-edge codecs`)")
+        parser.add_argument(
+            "--codecs", default=default, help="comma-separated codec names (see `fc-edge codecs`)"
+        )
     else:
         parser.add_argument("--codec", default=default, help="codec name (see `fc-edge codecs`)")
     group = parser.add_argument_group("codec parameters")
@@ -71,7 +73,8 @@ def codec_from_args(args: argparse.Namespace, name: str | None = None):
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="smollm2-135m",
+        "--model",
+        default="smollm2-135m",
         help="smollm2-135m (embedded default), a local Hugging Face folder, a .gguf file, "
         "or synthetic:NAME",
     )

@@ -35,8 +35,15 @@ VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 # Wire dtype -> little-endian numpy dtype of the bytes (bfloat16 travels as its 16 raw bits).
-_NP_DTYPES = {"u1": "<u1", "i1": "<i1", "u2": "<u2", "u4": "<u4", "f2": "<f2", "bf2": "<i2",
-              "f4": "<f4"}
+_NP_DTYPES = {
+    "u1": "<u1",
+    "i1": "<i1",
+    "u2": "<u2",
+    "u4": "<u4",
+    "f2": "<f2",
+    "bf2": "<i2",
+    "f4": "<f4",
+}
 _INT_RANGES = {"u1": (0, 255), "i1": (-128, 127), "u2": (0, 65535), "u4": (0, 2**32 - 1)}
 
 
@@ -137,9 +144,11 @@ def _header(cls: type, enc: Encoded, body_len: int) -> bytes:
     ndim = len(enc.shape)
     if ndim not in (2, 3) or any(not 1 <= d < 2**32 for d in enc.shape):
         raise ConfigError(f"cannot pack activation shape {enc.shape}")
-    fixed = MAGIC + struct.pack(
-        "<BBBB", VERSION, cls.wire_id, ACTIVATION_DTYPES[enc.dtype], ndim
-    ) + struct.pack(f"<{ndim}I", *enc.shape)
+    fixed = (
+        MAGIC
+        + struct.pack("<BBBB", VERSION, cls.wire_id, ACTIVATION_DTYPES[enc.dtype], ndim)
+        + struct.pack(f"<{ndim}I", *enc.shape)
+    )
     fmt = "<" + "".join(f for _, f in cls.wire_params)
     try:
         params = struct.pack(fmt, *(int(enc.params[p]) for p, _ in cls.wire_params))

@@ -15,10 +15,18 @@ from fc_edge.codecs import decode, get_codec
 from fc_edge.codecs.base import header_bytes
 from fc_edge.errors import WireError
 
-CODECS = [("identity", {}), ("fourier", {"ratio": 4}), ("topk", {"ratio": 4}),
-          ("svd", {"ratio": 2}), ("qr", {"ratio": 2}), ("int8", {}), ("bf16", {}),
-          ("quant", {"bits": 3, "group_size": 16}), ("rotated", {}),
-          ("rotated", {"entropy": "none", "max_bits": 0})]
+CODECS = [
+    ("identity", {}),
+    ("fourier", {"ratio": 4}),
+    ("topk", {"ratio": 4}),
+    ("svd", {"ratio": 2}),
+    ("qr", {"ratio": 2}),
+    ("int8", {}),
+    ("bf16", {}),
+    ("quant", {"bits": 3, "group_size": 16}),
+    ("rotated", {}),
+    ("rotated", {"entropy": "none", "max_bits": 0}),
+]
 
 
 def payloads():
@@ -114,7 +122,7 @@ def test_corrupt_entropy_stream_with_valid_crc_is_refused():
     enc = get_codec("rotated").encode(torch.randn(8, 576))
     assert enc.params["entropy"] == 1
     stream = enc.tensors["codes"].clone()
-    stream[len(stream) // 2:] = 0xFF
+    stream[len(stream) // 2 :] = 0xFF
     enc.tensors["codes"] = stream
     with pytest.raises(WireError):
         wire.unpack(wire.pack(enc))

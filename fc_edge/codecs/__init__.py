@@ -29,9 +29,15 @@ from fc_edge.codecs.transform import RotatedCodec
 
 # Float tensors that carry the signal (not indices, scales or code streams), per codec: the
 # paper's element ratio counts these.
-_VALUE_TENSORS = {"identity": ("x",), "fourier": ("coefs",), "topk": ("values",),
-                  "svd": ("left", "right"), "qr": ("left", "right"), "quant": ("x", "codes"),
-                  "rotated": ("codes",)}
+_VALUE_TENSORS = {
+    "identity": ("x",),
+    "fourier": ("coefs",),
+    "topk": ("values",),
+    "svd": ("left", "right"),
+    "qr": ("left", "right"),
+    "quant": ("x", "codes"),
+    "rotated": ("codes",),
+}
 
 
 def roundtrip(codec: Codec, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -95,7 +101,22 @@ def measure(codec: Codec, x: torch.Tensor) -> Measurement:
 
 
 __all__ = [
-    "ALIASES", "Codec", "Encoded", "FourierCodec", "IdentityCodec", "Measurement", "QRCodec",
-    "QuantCodec", "RotatedCodec", "SVDCodec", "TopKCodec", "available_codecs", "codec_class",
-    "decode", "element_ratio", "get_codec", "measure", "roundtrip",
+    "ALIASES",
+    "Codec",
+    "Encoded",
+    "FourierCodec",
+    "IdentityCodec",
+    "Measurement",
+    "QRCodec",
+    "QuantCodec",
+    "RotatedCodec",
+    "SVDCodec",
+    "TopKCodec",
+    "available_codecs",
+    "codec_class",
+    "decode",
+    "element_ratio",
+    "get_codec",
+    "measure",
+    "roundtrip",
 ]

@@ -151,8 +151,9 @@ class Codec(ABC):
         return {}
 
     # --- helpers shared by the codecs -------------------------------------------------------
-    def _encoded(self, src: torch.Tensor, params: dict[str, int], /,
-                 **tensors: torch.Tensor) -> Encoded:
+    def _encoded(
+        self, src: torch.Tensor, params: dict[str, int], /, **tensors: torch.Tensor
+    ) -> Encoded:
         return Encoded(self.name, params, tuple(src.shape), src.dtype, dict(tensors))
 
     @classmethod

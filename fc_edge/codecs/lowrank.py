@@ -42,8 +42,9 @@ class LowRankCodec(Codec):
     wire_params: ClassVar[tuple[tuple[str, str], ...]] = (("rank", "I"), ("value_dtype", "B"))
     row_wise = False
 
-    def __init__(self, ratio: float | None = None, rank: int | None = None,
-                 value_dtype: str = "float16") -> None:
+    def __init__(
+        self, ratio: float | None = None, rank: int | None = None, value_dtype: str = "float16"
+    ) -> None:
         if rank is not None and ratio is not None:
             raise ConfigError(f"{self.name} takes ratio or rank, not both")
         if rank is not None and (not isinstance(rank, int) or rank < 1):
@@ -54,8 +55,10 @@ class LowRankCodec(Codec):
         self.value_dtype = value_dtype
 
     def config(self) -> dict[str, Any]:
-        return {**({"rank": self.rank} if self.rank is not None else {"ratio": self.ratio}),
-                "value_dtype": self.value_dtype}
+        return {
+            **({"rank": self.rank} if self.rank is not None else {"ratio": self.ratio}),
+            "value_dtype": self.value_dtype,
+        }
 
     def rank_for(self, x: torch.Tensor) -> int:
         B, S, D = check_activation(x)
@@ -63,11 +66,16 @@ class LowRankCodec(Codec):
             return min(self.rank, S, D)
         assert self.ratio is not None
         vbytes = value_dtype_of({"value_dtype": value_dtype_code(self.value_dtype)}).itemsize
-        r = min(self.budget_bytes(tuple(x.shape), x.dtype, self.ratio) // (B * vbytes * (S + D)),
-                S, D)
+        r = min(
+            self.budget_bytes(tuple(x.shape), x.dtype, self.ratio) // (B * vbytes * (S + D)), S, D
+        )
         if r < 1:
-            raise too_small(self.name, tuple(x.shape), self.ratio,
-                            f"rank 1 costs {S + D} values, more than the budget")
+            raise too_small(
+                self.name,
+                tuple(x.shape),
+                self.ratio,
+                f"rank 1 costs {S + D} values, more than the budget",
+            )
         return r
 
     def factorize(self, a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +87,12 @@ class LowRankCodec(Codec):
         left, right = self.factorize(as_batched(x.detach()).float(), r)
         vcode = value_dtype_code(self.value_dtype)
         vdt = value_dtype_of({"value_dtype": vcode})
-        return self._encoded(x, {"rank": r, "value_dtype": vcode},
-                             left=left.to(vdt).contiguous(), right=right.to(vdt).contiguous())
+        return self._encoded(
+            x,
+            {"rank": r, "value_dtype": vcode},
+            left=left.to(vdt).contiguous(),
+            right=right.to(vdt).contiguous(),
+        )
 
     @classmethod
     def decode(cls, enc: Encoded) -> torch.Tensor:

@@ -57,7 +57,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-planes.numel()) % 8
     if pad:
         planes = torch.cat([planes, planes.new_zeros(pad)])
-    weights = (1 << torch.arange(8, device=flat.device, dtype=torch.int32))
+    weights = 1 << torch.arange(8, device=flat.device, dtype=torch.int32)
     return (planes.view(-1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
@@ -71,7 +71,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return both[:n].contiguous()
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     planes = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(-1)[: n * bits].view(n, bits)
-    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))
+    weights = 1 << torch.arange(bits, device=packed.device, dtype=torch.int32)
     return (planes.to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
@@ -80,7 +80,9 @@ def n_groups(width: int, group_size: int) -> int:
     return 1 if group_size == 0 else math.ceil(width / group_size)
 
 
-def quantize_groups(rows: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_groups(
+    rows: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N, W)`` float -> (codes ``(N, W)`` uint8 in ``0..2 qmax``, scales ``(N, G)`` float16)."""
     N, W = rows.shape
     g = W if group_size == 0 else group_size
@@ -97,7 +99,9 @@ def quantize_groups(rows: torch.Tensor, bits: int, group_size: int) -> tuple[tor
     return codes.contiguous(), scales
 
 
-def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def dequantize_groups(
+    codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
     """Inverse of :func:`quantize_groups`: ``(N, W)`` float32."""
     N, W = codes.shape
     g = W if group_size == 0 else group_size
@@ -128,6 +132,9 @@ class IdentityCodec(Codec):
     wire_id = 1
     wire_params = (("value_dtype", "B"),)
 
+    def __init__(self) -> None:
+        pass
+
     def encode(self, x: torch.Tensor) -> Encoded:
         check_activation(x)
         code = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}[x.dtype]
@@ -155,18 +162,28 @@ class QuantCodec(Codec):
     wire_id = 6
     wire_params = (("bits", "B"), ("group_size", "H"), ("value_dtype", "B"))
 
-    def __init__(self, bits: int | None = None, group_size: int = 0,
-                 value_dtype: str = "float16", ratio: float | None = None) -> None:
+    def __init__(
+        self,
+        bits: int | None = None,
+        group_size: int = 0,
+        value_dtype: str = "float16",
+        ratio: float | None = None,
+    ) -> None:
         if bits is not None and ratio is not None:
             raise ConfigError("quant takes bits or ratio, not both")
         self.ratio = check_ratio(ratio)
-        self.bits = None if bits is None and ratio is not None else check_bits(
-            8 if bits is None else bits, (*range(2, 9), 16))
+        self.bits = (
+            None
+            if bits is None and ratio is not None
+            else check_bits(8 if bits is None else bits, (*range(2, 9), 16))
+        )
         self.group_size = check_group_size(group_size)
         self.value_dtype = value_dtype
         value_dtype_code(value_dtype)
         if self.bits == 16 and value_dtype == "float32":
-            raise ConfigError("quant bits=16 casts to float16 or bfloat16; use identity for float32")
+            raise ConfigError(
+                "quant bits=16 casts to float16 or bfloat16; use identity for float32"
+            )
 
     def config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"group_size": self.group_size, "value_dtype": self.value_dtype}
@@ -217,8 +234,10 @@ class QuantCodec(Codec):
             return [TensorSpec("x", WIRE_DTYPE_OF_VALUE[vdt], tuple(shape))]
         D = shape[-1]
         N = math.prod(shape) // D
-        return [TensorSpec("codes", "u1", (packed_nbytes(N * D, bits),)),
-                TensorSpec("scales", "f2", (N, n_groups(D, g)))]
+        return [
+            TensorSpec("codes", "u1", (packed_nbytes(N * D, bits),)),
+            TensorSpec("scales", "f2", (N, n_groups(D, g))),
+        ]
 
     @classmethod
     def validate_payload(cls, enc: Encoded) -> None:
@@ -230,13 +249,22 @@ class QuantCodec(Codec):
                 raise WireError(f"quant codes exceed {2 * qmax} for {bits} bits")
 
 
-ALIASES.update({
-    "fp16": ("quant", {"bits": 16, "value_dtype": "float16"}),
-    "bf16": ("quant", {"bits": 16, "value_dtype": "bfloat16"}),
-    "int8": ("quant", {"bits": 8, "group_size": 0}),
-    "int8-block": ("quant", {"bits": 8, "group_size": 64}),
-    "int4": ("quant", {"bits": 4, "group_size": 64}),
-})
+ALIASES.update(
+    {
+        "fp16": ("quant", {"bits": 16, "value_dtype": "float16"}),
+        "bf16": ("quant", {"bits": 16, "value_dtype": "bfloat16"}),
+        "int8": ("quant", {"bits": 8, "group_size": 0}),
+        "int8-block": ("quant", {"bits": 8, "group_size": 64}),
+        "int4": ("quant", {"bits": 4, "group_size": 64}),
+    }
+)
 
-__all__ = ["IdentityCodec", "QuantCodec", "pack_bits", "unpack_bits", "quantize_groups",
-           "dequantize_groups", "header_bytes"]
+__all__ = [
+    "IdentityCodec",
+    "QuantCodec",
+    "pack_bits",
+    "unpack_bits",
+    "quantize_groups",
+    "dequantize_groups",
+    "header_bytes",
+]

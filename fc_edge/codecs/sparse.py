@@ -43,8 +43,9 @@ class TopKCodec(Codec):
     wire_params = (("k", "I"), ("value_dtype", "B"))
     row_wise = False
 
-    def __init__(self, ratio: float | None = None, k: int | None = None,
-                 value_dtype: str = "float16") -> None:
+    def __init__(
+        self, ratio: float | None = None, k: int | None = None, value_dtype: str = "float16"
+    ) -> None:
         if k is not None and ratio is not None:
             raise ConfigError("topk takes ratio or k, not both")
         if k is not None and (not isinstance(k, int) or k < 1):
@@ -55,8 +56,10 @@ class TopKCodec(Codec):
         self.value_dtype = value_dtype
 
     def config(self) -> dict[str, Any]:
-        return {**({"k": self.k} if self.k is not None else {"ratio": self.ratio}),
-                "value_dtype": self.value_dtype}
+        return {
+            **({"k": self.k} if self.k is not None else {"ratio": self.ratio}),
+            "value_dtype": self.value_dtype,
+        }
 
     def k_for(self, x: torch.Tensor) -> int:
         B, S, D = check_activation(x)
@@ -93,8 +96,10 @@ class TopKCodec(Codec):
         k = params["k"]
         if not 1 <= k <= S * D:
             raise ConfigError(f"k must be in 1..{S * D}, got {k}")
-        return [TensorSpec("values", WIRE_DTYPE_OF_VALUE[value_dtype_of(params)], (B, k)),
-                TensorSpec("indices", index_wire_dtype(S * D), (B, k))]
+        return [
+            TensorSpec("values", WIRE_DTYPE_OF_VALUE[value_dtype_of(params)], (B, k)),
+            TensorSpec("indices", index_wire_dtype(S * D), (B, k)),
+        ]
 
     @classmethod
     def validate_payload(cls, enc: Encoded) -> None:

@@ -112,14 +112,21 @@ class FourierCodec(Codec):
     wire_params = (("k_s", "I"), ("k_d", "I"), ("value_dtype", "B"))
     row_wise = False  # mixes tokens; on a single row (S = 1) it is a 1-D low-pass
 
-    def __init__(self, ratio: float | None = None, k_s: int | None = None, k_d: int | None = None,
-                 value_dtype: str = "float16", geometry: str = "balanced") -> None:
+    def __init__(
+        self,
+        ratio: float | None = None,
+        k_s: int | None = None,
+        k_d: int | None = None,
+        value_dtype: str = "float16",
+        geometry: str = "balanced",
+    ) -> None:
         if (k_s is None) != (k_d is None):
             raise ConfigError("fourier needs both k_s and k_d (or neither, with ratio)")
         if k_s is not None and ratio is not None:
             raise ConfigError("fourier takes either ratio or (k_s, k_d), not both")
-        if k_s is not None and (not isinstance(k_s, int) or not isinstance(k_d, int)
-                                or k_s < 1 or k_d < 1):
+        if k_s is not None and (
+            not isinstance(k_s, int) or not isinstance(k_d, int) or k_s < 1 or k_d < 1
+        ):
             raise ConfigError(f"k_s and k_d must be integers >= 1, got {k_s!r}, {k_d!r}")
         if geometry not in GEOMETRIES:
             raise ConfigError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
@@ -142,12 +149,12 @@ class FourierCodec(Codec):
             return min(self.k_s, S // 2 + 1), min(self.k_d, D // 2 + 1)
         assert self.ratio is not None
         budget = self.budget_bytes(tuple(x.shape), x.dtype, self.ratio)
-        vbytes = torch.empty((), dtype=value_dtype_of(
-            {"value_dtype": VALUE_DTYPE_CODES[self.value_dtype]})).element_size()
+        vbytes = torch.empty(
+            (), dtype=value_dtype_of({"value_dtype": VALUE_DTYPE_CODES[self.value_dtype]})
+        ).element_size()
         max_coefs = (budget - 4 * B) // (2 * vbytes * B)
         if max_coefs < 1:
-            raise too_small(self.name, tuple(x.shape), self.ratio,
-                            "not even one coefficient fits")
+            raise too_small(self.name, tuple(x.shape), self.ratio, "not even one coefficient fits")
         energy = half_spectrum_power(as_batched(x)) if self.geometry == "energy" else None
         return block_geometry(S, D, max_coefs, self.geometry, energy)
 
@@ -160,8 +167,9 @@ class FourierCodec(Codec):
         vcode = value_dtype_code(self.value_dtype)
         vdt = value_dtype_of({"value_dtype": vcode})
         coefs = (block / scale.view(-1, 1, 1, 1)).to(vdt)
-        return self._encoded(x, {"k_s": k_s, "k_d": k_d, "value_dtype": vcode},
-                             coefs=coefs, scale=scale)
+        return self._encoded(
+            x, {"k_s": k_s, "k_d": k_d, "value_dtype": vcode}, coefs=coefs, scale=scale
+        )
 
     @classmethod
     def decode(cls, enc: Encoded) -> torch.Tensor:
@@ -176,8 +184,10 @@ class FourierCodec(Codec):
         k_s, k_d = params["k_s"], params["k_d"]
         check_geometry(S, D, k_s, k_d)
         wdt = WIRE_DTYPE_OF_VALUE[value_dtype_of(params)]
-        return [TensorSpec("coefs", wdt, (B, n_block_rows(S, k_s), k_d, 2)),
-                TensorSpec("scale", "f4", (B,))]
+        return [
+            TensorSpec("coefs", wdt, (B, n_block_rows(S, k_s), k_d, 2)),
+            TensorSpec("scale", "f4", (B,)),
+        ]
 
 
 def kept_mask(S: int, D: int, k_s: int, k_d: int) -> torch.Tensor:

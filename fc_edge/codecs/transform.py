@@ -32,6 +32,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from fc_edge.codecs.base import (
@@ -108,8 +109,18 @@ def hadamard_matrix(h: int, device: str = "cpu") -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def hadamard_signs(D: int, seed: int, device: str = "cpu") -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 2, (D,), generator=g) * 2 - 1).to(torch.float32).to(device)
+    """``(D,)`` random signs: ``-1`` where bit 0 of splitmix64 output ``i`` (1-based) is set.
+
+    splitmix64 is a few lines in any language, so a non-Python receiver derives the same signs
+    (docs/wire-format.md gives the recurrence).
+    """
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + np.arange(1, D + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    signs = 1.0 - 2.0 * (z & np.uint64(1)).astype(np.float32)
+    return torch.from_numpy(signs).to(device)
 
 
 def rotate(rows: torch.Tensor, transform: int, seed: int) -> torch.Tensor:
@@ -161,16 +172,33 @@ class RotatedCodec(Codec):
 
     name = "rotated"
     wire_id = 7
-    wire_params = (("transform", "B"), ("bits", "B"), ("group_size", "H"), ("keep", "H"),
-                   ("seed", "I"), ("entropy", "B"), ("code_bytes", "I"))
+    wire_params = (
+        ("transform", "B"),
+        ("bits", "B"),
+        ("group_size", "H"),
+        ("keep", "H"),
+        ("seed", "I"),
+        ("entropy", "B"),
+        ("code_bytes", "I"),
+    )
 
-    def __init__(self, bits: int = 4, group_size: int = 64, transform: str = "dct",
-                 keep: int | None = None, seed: int = 0, entropy: str = "deflate",
-                 max_bits: float = 4.0, ratio: float | None = None) -> None:
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 64,
+        transform: str = "dct",
+        keep: int | None = None,
+        seed: int = 0,
+        entropy: str = "deflate",
+        max_bits: float = 4.0,
+        ratio: float | None = None,
+    ) -> None:
         self.bits = check_bits(bits)
         self.group_size = check_group_size(group_size)
         if transform not in TRANSFORMS:
-            raise ConfigError(f"transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
+            raise ConfigError(
+                f"transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}"
+            )
         if entropy not in ENTROPY:
             raise ConfigError(f"entropy must be one of {', '.join(ENTROPY)}, got {entropy!r}")
         if keep is not None and (not isinstance(keep, int) or not 1 <= keep <= 65535):
@@ -184,9 +212,14 @@ class RotatedCodec(Codec):
         self.transform, self.keep, self.seed, self.entropy = transform, keep, seed, entropy
 
     def config(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size,
-                               "transform": self.transform, "keep": self.keep,
-                               "seed": self.seed, "entropy": self.entropy}
+        out: dict[str, Any] = {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "transform": self.transform,
+            "keep": self.keep,
+            "seed": self.seed,
+            "entropy": self.entropy,
+        }
         out.update({"ratio": self.ratio} if self.ratio is not None else {"max_bits": self.max_bits})
         return out
 
@@ -212,16 +245,24 @@ class RotatedCodec(Codec):
             body, entropy = self._code_stream(codes, bits)
             size = overhead + 2 * scales.numel() + len(body)
             if cap is None or size <= cap:
-                params = {"transform": tcode, "bits": bits, "group_size": self.group_size,
-                          "keep": keep, "seed": self.seed, "entropy": entropy,
-                          "code_bytes": len(body)}
+                params = {
+                    "transform": tcode,
+                    "bits": bits,
+                    "group_size": self.group_size,
+                    "keep": keep,
+                    "seed": self.seed,
+                    "entropy": entropy,
+                    "code_bytes": len(body),
+                }
                 stream = torch.frombuffer(bytearray(body), dtype=torch.uint8).to(x.device)
                 return self._encoded(x, params, codes=stream, scales=scales)
         why = f"2-bit codes take {size} bytes, cap {cap}"
         if self.ratio is not None:
             raise too_small(self.name, tuple(x.shape), self.ratio, why)
-        raise BudgetError(f"rotated cannot fit {tuple(x.shape)} in {self.max_bits} bits per "
-                          f"element ({why}); raise --max-bits or send a larger block")
+        raise BudgetError(
+            f"rotated cannot fit {tuple(x.shape)} in {self.max_bits} bits per "
+            f"element ({why}); raise --max-bits or send a larger block"
+        )
 
     def _code_stream(self, codes: torch.Tensor, bits: int) -> tuple[bytes, int]:
         packed = pack_bits(codes, bits).cpu().numpy().tobytes()
@@ -265,11 +306,14 @@ class RotatedCodec(Codec):
         if not 1 <= keep <= D:
             raise ConfigError(f"keep must be in 1..{D}, got {keep}")
         code_bytes = params["code_bytes"]
-        if params["entropy"] == ENTROPY["none"] and code_bytes != packed_nbytes(N * keep,
-                                                                                params["bits"]):
+        if params["entropy"] == ENTROPY["none"] and code_bytes != packed_nbytes(
+            N * keep, params["bits"]
+        ):
             raise ConfigError("bit-packed code stream has the wrong length")
-        return [TensorSpec("codes", "u1", (code_bytes,)),
-                TensorSpec("scales", "f2", (N, n_groups(keep, params["group_size"])))]
+        return [
+            TensorSpec("codes", "u1", (code_bytes,)),
+            TensorSpec("scales", "f2", (N, n_groups(keep, params["group_size"]))),
+        ]
 
     @classmethod
     def validate_payload(cls, enc: Encoded) -> None:

@@ -10,11 +10,21 @@ from fc_edge.codecs import available_codecs, get_codec, measure, roundtrip
 from fc_edge.errors import BudgetError, ConfigError
 
 RATIO_CODECS = ["fourier", "topk", "svd", "qr", "quant"]
-ALL = [("identity", {}), ("fourier", {"ratio": 4}), ("topk", {"ratio": 4}),
-       ("svd", {"ratio": 2}), ("qr", {"ratio": 2}), ("fp16", {}), ("bf16", {}), ("int8", {}),
-       ("int8-block", {"group_size": 16}), ("quant", {"bits": 3, "group_size": 8}),
-       ("rotated", {}), ("rotated", {"transform": "hadamard", "keep": 40}),
-       ("rotated", {"entropy": "none", "bits": 5, "max_bits": 0})]
+ALL = [
+    ("identity", {}),
+    ("fourier", {"ratio": 4}),
+    ("topk", {"ratio": 4}),
+    ("svd", {"ratio": 2}),
+    ("qr", {"ratio": 2}),
+    ("fp16", {}),
+    ("bf16", {}),
+    ("int8", {}),
+    ("int8-block", {"group_size": 16}),
+    ("quant", {"bits": 3, "group_size": 8}),
+    ("rotated", {}),
+    ("rotated", {"transform": "hadamard", "keep": 40}),
+    ("rotated", {"entropy": "none", "bits": 5, "max_bits": 0}),
+]
 SHAPES = [(1, 64), (1, 65), (17, 64), (16, 63), (2, 9, 48)]
 
 
@@ -80,13 +90,16 @@ def test_shape_dtype_device_and_determinism(name, kw, shape, dtype):
     assert torch.isfinite(x_hat.float()).all()
 
 
-@pytest.mark.parametrize("name,param,values", [
-    ("topk", "k", [50, 100, 200, 400, 800]),
-    ("svd", "rank", [1, 2, 4, 8, 16]),
-    ("qr", "rank", [1, 2, 4, 8, 16]),
-    ("quant", "bits", [2, 3, 4, 5, 6, 7, 8]),
-    ("rotated", "bits", [2, 3, 4, 5, 6, 7, 8]),
-])
+@pytest.mark.parametrize(
+    "name,param,values",
+    [
+        ("topk", "k", [50, 100, 200, 400, 800]),
+        ("svd", "rank", [1, 2, 4, 8, 16]),
+        ("qr", "rank", [1, 2, 4, 8, 16]),
+        ("quant", "bits", [2, 3, 4, 5, 6, 7, 8]),
+        ("rotated", "bits", [2, 3, 4, 5, 6, 7, 8]),
+    ],
+)
 def test_error_falls_as_budget_grows(name, param, values):
     x = smooth((32, 96), seed=3)
     extra = {"max_bits": 0} if name == "rotated" else {}
@@ -99,8 +112,10 @@ def test_fourier_error_falls_with_nested_blocks_and_ratio():
     x = smooth((40, 96), seed=4)
     errs = [measure(get_codec("fourier", k_s=k, k_d=4 * k), x).rel_error for k in (1, 2, 4, 8, 16)]
     assert all(b <= a + 1e-6 for a, b in zip(errs, errs[1:])), errs
-    by_ratio = [measure(get_codec("fourier", ratio=r, geometry="energy"), x).rel_error
-                for r in (2, 4, 8, 16)]
+    by_ratio = [
+        measure(get_codec("fourier", ratio=r, geometry="energy"), x).rel_error
+        for r in (2, 4, 8, 16)
+    ]
     assert all(b >= a - 1e-6 for a, b in zip(by_ratio, by_ratio[1:])), by_ratio
 
 
@@ -110,8 +125,9 @@ def test_svd_is_optimal_low_rank():
     s = torch.linalg.svdvals(x.double())
     for r in (1, 3, 7):
         err = measure(get_codec("svd", rank=r, value_dtype="float32"), x).rel_error
-        assert err == pytest.approx(float(s[r:].square().sum().sqrt() / s.square().sum().sqrt()),
-                                    rel=1e-4)
+        assert err == pytest.approx(
+            float(s[r:].square().sum().sqrt() / s.square().sum().sqrt()), rel=1e-4
+        )
 
 
 def test_qr_reconstruction_is_projection_onto_pivot_columns():
@@ -133,7 +149,7 @@ def test_topk_keeps_largest_values_exactly():
 
 
 def test_quant_error_bound():
-    """Symmetric absmax: each error is at most half a step (scale / 2), plus float16 scale rounding."""
+    """Symmetric absmax: each error is at most half a step, plus float16 scale rounding."""
     x = torch.randn(10, 64)
     for bits in (2, 4, 8):
         x_hat, _ = roundtrip(get_codec("quant", bits=bits, group_size=16), x)
@@ -186,7 +202,8 @@ def test_registry_errors_name_the_problem():
     with pytest.raises(ConfigError):
         get_codec("identity").encode(torch.zeros(3, 4, dtype=torch.int32))
     assert {"fourier", "topk", "svd", "qr", "quant", "rotated", "identity", "int8"} <= set(
-        available_codecs())
+        available_codecs()
+    )
 
 
 def test_none_kwargs_fall_back_to_defaults():
@@ -204,3 +221,22 @@ def test_cuda_device_preserved_and_equal_to_cpu(name, kw):
     y_gpu, _ = roundtrip(codec, x.cuda())
     assert y_gpu.device.type == "cuda"
     assert torch.allclose(y_gpu.cpu(), y_cpu, atol=1e-3 * float(x.abs().max()))
+
+
+def test_hadamard_signs_follow_splitmix64():
+    """The signs a non-Python receiver must derive: splitmix64's published first output for
+    seed 0 is 0xE220A8397B1DCDAF (odd, so sign -1)."""
+    from fc_edge.codecs.transform import hadamard_signs
+
+    mask = (1 << 64) - 1
+
+    def splitmix64(seed: int, i: int) -> int:
+        z = (seed + i * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    assert splitmix64(0, 1) == 0xE220A8397B1DCDAF
+    for seed in (0, 1, 12345):
+        want = [1 - 2 * (splitmix64(seed, i) & 1) for i in range(1, 65)]
+        assert hadamard_signs(64, seed).tolist() == want
