@@ -54,6 +54,8 @@ class HeadConfig:
     attention_bias: bool = False  # bias on q, k, v (Qwen2: always) ...
     output_bias: bool = False  # ... and on o_proj (Llama's attention_bias covers both)
     mlp_bias: bool = False
+    # Per head layer: None (full attention) or W (a query at p sees keys p-W+1..p; Qwen2).
+    sliding_windows: tuple[int | None, ...] = ()
 
     @classmethod
     def from_hf(cls, config: Any, num_layers: int) -> HeadConfig:
@@ -77,6 +79,13 @@ class HeadConfig:
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         qwen2 = config.model_type == "qwen2"
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * num_layers
+        sliding_windows = tuple(
+            config.sliding_window if kind == "sliding_attention" else None
+            for kind in layer_types[:num_layers]
+        )
+        if any(kind not in ("full_attention", "sliding_attention") for kind in layer_types):
+            raise ModelError(f"the head supports full and sliding attention, not {layer_types}")
         attention_bias = qwen2 or bool(getattr(config, "attention_bias", False))
         return cls(
             vocab_size=config.vocab_size,
@@ -98,6 +107,7 @@ class HeadConfig:
             attention_bias=attention_bias,
             output_bias=attention_bias and not qwen2,
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            sliding_windows=sliding_windows,
         )
 
 
@@ -341,16 +351,24 @@ class Head(nn.Module):
         write_at: int | None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """The layers over stacked caches (see :meth:`Attention.forward` for ``write_at``);
-        a query at position p sees the key slots j <= p. Returns the activation in float32 and
+        a query at position p sees the key slots j <= p (and j > p - W in a sliding-window
+        layer; the cache keeps every slot). Returns the activation in float32 and
         each layer's attended keys and values."""
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(self.inv_freq, position_ids, x.dtype)
         n_past = past_k.shape[3] if write_at is None else write_at
         slots = torch.arange(n_past + input_ids.shape[1], device=input_ids.device)
-        visible = (slots[None, None, :] <= position_ids[:, :, None])[:, None]  # (B, 1, S, T+S)
+        causal = (slots[None, None, :] <= position_ids[:, :, None])[:, None]  # (B, 1, S, T+S)
+        windows = self.head_config.sliding_windows or (None,) * len(self.layers)
+        visible = {
+            w: causal
+            if w is None
+            else causal & (slots[None, None, :] > position_ids[:, :, None] - w)[:, None]
+            for w in dict.fromkeys(windows)
+        }
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, visible, past_k[i], past_v[i], write_at)
+            x, k, v = layer(x, cos, sin, visible[windows[i]], past_k[i], past_v[i], write_at)
             keys.append(k)
             values.append(v)
         return x.float(), keys, values

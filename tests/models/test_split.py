@@ -113,3 +113,36 @@ def test_head_is_independent_of_later_changes_to_the_model(tiny_llama):
     before = head.start(4).step(torch.tensor([1, 2]))
     assert head.embed_tokens.weight.data_ptr() != tiny_llama.model.embed_tokens.weight.data_ptr()
     torch.testing.assert_close(head.start(4).step(torch.tensor([1, 2])), before, rtol=0, atol=0)
+
+
+def test_qwen2_sliding_window_layers_in_head_and_tail():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fc_edge.models.synthetic import SYNTHETIC_CONFIGS
+
+    fields = {k: v for k, v in SYNTHETIC_CONFIGS["tiny-qwen2"].items() if k != "model_type"}
+    fields.update(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    config = AutoConfig.for_model("qwen2", **fields)
+    assert config.layer_types[1:] == ["sliding_attention"] * 3
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        out = model(ids[None], output_hidden_states=True)
+    head, tail = split(model, 2)
+    hs, ts = head.start(12), tail.start()
+    rows, logits = [], []
+    for s, e in [(0, 6), (6, 7), (7, 8), (8, 12)]:
+        rows.append(hs.step(ids[s:e]))
+        logits.append(ts.step(out.hidden_states[2][0, s:e]))
+    a = torch.cat(rows)
+    ref = out.hidden_states[2][0]
+    assert (torch.linalg.norm(a - ref) / torch.linalg.norm(ref)).item() <= 1e-5
+    torch.testing.assert_close(torch.cat(logits), out.logits[0], rtol=1e-5, atol=1e-5)
+    ref_ids = model.generate(
+        ids[None],
+        attention_mask=torch.ones(1, 12, dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=16,
+    )[0, 12:].tolist()
+    assert generate_split(head, tail, ids, 16) == ref_ids
