@@ -89,20 +89,30 @@ class ProfileConfig:
             self.links.append(parse_links(self.sim_link)[0])
 
 
-def workload_from_steps(steps: Sequence[dict], new_tokens: int) -> Workload:
-    """The simulation's demands, as empirical distributions of the measured steps."""
+def workload_from_steps(steps: Sequence[dict], new_tokens: int,
+                        setup_s: Sequence[float] | None = None) -> Workload:
+    """The simulation's demands, as empirical distributions of the measured steps.
+
+    A step's device demand is everything the client spent on it that is neither the rpc nor the
+    server's stages (head, encode, pack and the client's own bookkeeping), so that a step's
+    demands add up to its measured total. ``setup_s``: per-generation time outside the steps.
+    """
     def demand(phase: str) -> StepDemand:
         ss = [s for s in steps if s["phase"] == phase]
         if not ss:
             raise ConfigError(f"no {phase} steps were measured")
         return StepDemand(
-            device_s=Empirical(sum(s[f] for f in DEVICE_FIELDS) for s in ss),
+            device_s=Empirical(max(sum(s[f] for f in DEVICE_FIELDS),
+                                   s["total_s"] - s["network_s"]
+                                   - sum(s[f] for f in SERVER_FIELDS)) for s in ss),
             server_s=Empirical(sum(s[f] for f in SERVER_FIELDS) for s in ss),
             bytes_up=Empirical(s["bytes_up"] for s in ss),
             bytes_down=Empirical(s["bytes_down"] for s in ss),
         )
 
-    return Workload(demand("prefill"), demand("decode"), decode_steps=new_tokens - 1)
+    setup = Empirical(max(0.0, x) for x in setup_s) if setup_s else None
+    return Workload(demand("prefill"), demand("decode"), decode_steps=new_tokens - 1,
+                    setup_s=setup)
 
 
 def loopback_link(steps: Sequence[dict]) -> LinkModel:
@@ -133,12 +143,17 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] | None = None) ->
                 for plen in cfg.prompt_lengths:
                     prompt = device.prompt(plen, cfg.seed + plen)
                     steps: list[dict] = []
+                    setups: list[float] = []
                     for _ in range(cfg.repeats):
+                        t0 = time.perf_counter()
                         res = generate(client, prompt, cfg.new_tokens)
+                        wall = time.perf_counter() - t0
                         steps += [step_dict(s) for s in res.steps]
+                        setups.append(wall - sum(s.total_s for s in res.steps))
                     summary = summarize_steps(steps, hidden)
                     runs.append({"codec": name, "codec_config": _codec_config(codec),
-                                 "prompt_len": plen, "summary": summary, "steps": steps})
+                                 "prompt_len": plen, "summary": summary,
+                                 "setup_s": setups, "steps": steps})
                     log(f"profile: {name:>10} prompt {plen:>4}: TTFT "
                         f"{summary['ttft']['median'] * 1e3:7.1f} ms, TPOT "
                         f"{summary['tpot']['median'] * 1e3:6.1f} ms, "
@@ -195,7 +210,7 @@ def simulate_codecs(cfg: ProfileConfig, runs: list[dict]) -> dict:
     for run in runs:
         if run["prompt_len"] != plen:
             continue
-        w = workload_from_steps(run["steps"], cfg.new_tokens)
+        w = workload_from_steps(run["steps"], cfg.new_tokens, run["setup_s"])
         sweep = sweep_clients(w, link, cfg.sim_clients, workers=cfg.workers,
                               generations_per_client=10, seed=cfg.seed)
         out["codecs"][run["codec"]] = {
@@ -229,8 +244,11 @@ def multi_client_check(cfg: ProfileConfig, device: DeviceSide, address: str, cod
         walls = [w for ws in real["walls"] for w in ws]
         measured = sum(walls) / len(walls)
         if base is None:  # the first (smallest) N calibrates the model
-            steps = [step_dict(s) for rs in real["results"] for r in rs for s in r.steps]
-            base = workload_from_steps(steps, cfg.check_new_tokens)
+            results = [r for rs in real["results"] for r in rs]
+            steps = [step_dict(s) for r in results for s in r.steps]
+            ws = [w for ws in real["walls"] for w in ws]
+            setups = [w - sum(s.total_s for s in r.steps) for w, r in zip(ws, results, strict=True)]
+            base = workload_from_steps(steps, cfg.check_new_tokens, setups)
             lo = loopback_link(steps)
         sim = simulate_clients(base, n, lo, workers=1, device_slots=1, cpu_cores=cores,
                                generations_per_client=max(gens, 20 // n), seed=cfg.seed)

@@ -67,12 +67,15 @@ class StepDemand:
 
 @dataclass
 class Workload:
-    """One generation: a prefill step, then ``decode_steps`` decode steps; ``think_s`` between."""
+    """One generation: a prefill step, then ``decode_steps`` decode steps; ``think_s`` between
+    generations. ``setup_s``: time a generation spends outside its steps (opening and closing
+    the session), a delay that holds no shared resource and counts in its response time."""
 
     prefill: StepDemand
     decode: StepDemand
     decode_steps: int
     think_s: float = 0.0
+    setup_s: Empirical | None = None
 
     def steps(self) -> list[StepDemand]:
         return [self.prefill] + [self.decode] * self.decode_steps
@@ -191,6 +194,8 @@ def simulate_clients(
         yield env.timeout(rng.random() * workload.prefill.device_s.mean)
         for _ in range(generations_per_client):
             start = env.now
+            if workload.setup_s is not None:
+                yield env.timeout(workload.setup_s.sample(rng))
             for i, demand in enumerate(workload.steps()):
                 t0 = env.now
                 yield from step(demand)
@@ -237,7 +242,8 @@ def saturation_clients(workload: Workload, link: LinkModel, workers: int = 1,
     serve = sum(s.server_s.mean for s in steps)
     up = sum(link.serialization_s(int(s.bytes_up.mean)) for s in steps)
     down = sum(link.serialization_s(int(s.bytes_down.mean)) for s in steps)
-    r1 = device + serve + up + down + 2 * len(steps) * link.latency_s + workload.think_s
+    setup = workload.setup_s.mean if workload.setup_s is not None else 0.0
+    r1 = device + serve + up + down + 2 * len(steps) * link.latency_s + workload.think_s + setup
     demands = {"server": serve / workers, "uplink": up, "downlink": down}
     if cpu_cores:
         demands["cpu"] = (device + serve) / cpu_cores

@@ -68,3 +68,20 @@ def test_shared_cpu_pool_slows_colocated_clients():
     shared = simulate_clients(w, 4, link, workers=4, generations_per_client=10, cpu_cores=2)
     assert own.mean_s == pytest.approx(4 * 0.04, rel=0.02)
     assert shared.mean_s == pytest.approx(2 * own.mean_s, rel=0.1)  # 4 jobs on 2 cores
+
+
+def test_shared_device_slot_serialises_client_threads():
+    link = LinkModel("lo", 1e11, frame_overhead=0)
+    w = _workload(device=0.03, server=0.0001, up=10, down=10, decode_steps=0)
+    r = simulate_clients(w, 3, link, workers=3, generations_per_client=10, device_slots=1)
+    # three clients, one slot: each generation waits for the two others
+    assert r.mean_s == pytest.approx(3 * 0.03, rel=0.1)
+
+
+def test_setup_time_is_a_delay_counted_in_the_response():
+    link = LinkModel("lo", 1e11, frame_overhead=0)
+    w = _workload(device=0.01, server=0.01, up=10, down=10, decode_steps=1)
+    w.setup_s = Empirical([0.005])
+    r = simulate_clients(w, 1, link, generations_per_client=2)
+    assert r.generation_s == pytest.approx([0.045, 0.045], rel=1e-6)
+    assert saturation_clients(w, link)["response_alone_s"] == pytest.approx(0.045, rel=1e-3)

@@ -1,0 +1,58 @@
+"""`fc-edge profile` end to end on a small synthetic model: server child process, real client."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fc_edge.cli import main
+from fc_edge.profile.link import parse_links
+from fc_edge.profile.profiler import ProfileConfig, run_profile
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_profile_tiny_model_end_to_end(tmp_path):
+    cfg = ProfileConfig(model="synthetic:tiny-llama", codecs=["identity", "fourier"],
+                        prompt_lengths=[16], new_tokens=3, repeats=1,
+                        links=parse_links("5g,1gbit"), sim_clients=[1, 4], check_clients=[1, 2],
+                        check_new_tokens=3, out=tmp_path)
+    report = run_profile(cfg, log=lambda m: None)
+    runs = {r["codec"]: r for r in report["runs"]}
+    assert set(runs) == {"identity", "fourier"}
+    for run in runs.values():
+        s = run["summary"]
+        assert s["prefill"]["steps"] == 1 and s["decode"]["steps"] == 2
+        assert s["ttft"]["median"] > 0 and s["tpot"]["median"] > 0
+        for phase in ("prefill", "decode"):
+            assert all(v["median"] >= 0 for v in s[phase]["stages"].values())
+        five_g = run["links"][0]
+        assert five_g["prefill"]["stages"]["transfer"] >= 4e-3  # the 5G latency at least
+    # the spectral codec sends fewer prefill bytes than the raw activation
+    assert runs["fourier"]["summary"]["prefill"]["bytes_up"] < \
+        runs["identity"]["summary"]["prefill"]["bytes_up"]
+    check = report["multi_client_check"]
+    assert [r["n_clients"] for r in check["rows"]] == [1, 2]
+    assert all(r["measured_mean_s"] > 0 and r["simulated_mean_s"] > 0 for r in check["rows"])
+    assert set(report["simulation"]["codecs"]) == {"identity", "fourier"}
+    for name in ("profile.json", "profile.md", "stages_5g.png", "stages_1gbit.png",
+                 "rate_sweep.png", "clients.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "profile.json").read_text())["config"]["links"] == \
+        ["5g", "1gbit"]
+
+
+def test_cli_rejects_a_bad_link_in_one_line(capsys):
+    rc = main(["profile", "--links", "warp9", "--out", "/nonexistent/never-written"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "warp9" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tool_script_is_the_same_verb():
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "profile_latency.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--codecs", "--prompt-lengths", "--new-tokens", "--links", "--out"):
+        assert flag in out
