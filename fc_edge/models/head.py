@@ -294,15 +294,16 @@ class Head(nn.Module):
         source = model.model
         param = next(source.parameters())
         with torch.device("meta"):
-            head = cls(cfg, model.config)
+            head = cls(cfg, model.config).to(param.dtype)
         head.to_empty(device=param.device)
+        # The rotary frequencies stay float32 whatever the weights' dtype, as in transformers.
         head.inv_freq = rope_inv_freq(cfg).to(param.device)
         state = {"embed_tokens.weight": source.embed_tokens.weight}
         for i in range(layer):
             for name, t in source.layers[i].state_dict().items():
                 state[f"layers.{i}.{name}"] = t
         head.load_state_dict(state, strict=True)
-        return head.to(param.dtype).eval()
+        return head.eval()
 
     @property
     def layer(self) -> int:

@@ -147,3 +147,15 @@ def test_head_attributes(tiny_qwen2):
     head, tail = split(tiny_qwen2, 3)
     assert head.layer == tail.layer == head.num_layers == 3
     assert head.hidden_size == 64 and head.config is tiny_qwen2.config is tail.config
+
+
+def test_bfloat16_head_keeps_float32_rotary_and_tracks_hf():
+    from fc_edge.models.pretrained import load_model
+
+    model, _ = load_model("synthetic:tiny-llama", dtype=torch.bfloat16)
+    head, _ = split(model, 2)
+    assert head.dtype == torch.bfloat16 and head.inv_freq.dtype == torch.float32
+    ids = torch.arange(3, 15)
+    a = head.start(12).step(ids)
+    assert a.dtype == torch.float32
+    assert rel_err(a, hf_hidden(model, ids, 2).float()) <= 2e-2
