@@ -115,10 +115,13 @@ def smollm2_folder() -> Path:
             tokenizer.save_pretrained(tmp)
         try:
             os.rename(tmp, folder)
-        except OSError:
+        except OSError as e:
             # Another process finished first (the target now exists and is not empty): use its copy.
             if not _is_complete(folder):
-                raise
+                raise ModelError(
+                    f"{str(folder)!r} exists but is not a complete model folder: "
+                    "delete it and retry"
+                ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -95,3 +95,48 @@ def test_missing_model_package_says_what_to_install(monkeypatch, tmp_path):
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FC_EDGE_CACHE", str(tmp_path))
     assert pretrained.cache_root() == tmp_path
+
+
+@pytest.fixture
+def fake_conversion(monkeypatch, tmp_path, tiny_qwen2):
+    """Point the cache at tmp_path and make the GGUF conversion return the tiny model at once."""
+    monkeypatch.setenv("FC_EDGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(pretrained, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
+    calls = []
+
+    def convert(path, dtype):
+        calls.append(path)
+        return tiny_qwen2, None
+
+    monkeypatch.setattr(pretrained, "_load_gguf", convert)
+    return calls
+
+
+def test_cache_is_written_once_and_leaves_no_temporary_folder(fake_conversion, tmp_path):
+    first, _ = load_model()
+    second, _ = load_model()
+    assert len(fake_conversion) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [pretrained.DEFAULT_MODEL]
+    assert model_fingerprint(first) == model_fingerprint(second)
+
+
+def test_a_process_that_finishes_second_uses_the_first_ones_cache(
+    fake_conversion, tmp_path, tiny_qwen2, monkeypatch
+):
+    folder = tmp_path / pretrained.DEFAULT_MODEL
+
+    def convert_while_another_process_wins(path, dtype):
+        tiny_qwen2.save_pretrained(folder)
+        return tiny_qwen2, None
+
+    monkeypatch.setattr(pretrained, "_load_gguf", convert_while_another_process_wins)
+    assert pretrained.smollm2_folder() == folder
+    assert [p.name for p in tmp_path.iterdir()] == [pretrained.DEFAULT_MODEL]
+
+
+def test_an_incomplete_cache_folder_is_reported(fake_conversion, tmp_path):
+    folder = tmp_path / pretrained.DEFAULT_MODEL
+    folder.mkdir()
+    (folder / "stray.txt").write_text("x")
+    with pytest.raises(ModelError, match="delete it"):
+        load_model()
