@@ -29,11 +29,9 @@ def check_supported(model: Any) -> None:
         )
 
 
-def split(model: Any, layer: int) -> tuple[Head, Tail]:
-    """The head (embedding + layers[:layer], our own modules with copied weights) and the tail
-    (layers[layer:] + norm + lm_head of ``model`` itself) of a Llama or Qwen2 causal LM.
-
-    ``layer`` must be in 1..num_hidden_layers-1 (:class:`ConfigError` otherwise).
+def check_split(model: Any, layer: int) -> None:
+    """Raise unless ``model`` can be split after ``layer`` decoder layers: :class:`ModelError`
+    for an unsupported family, :class:`ConfigError` unless ``layer`` is in 1..num_hidden_layers-1.
     """
     check_supported(model)
     n = model.config.num_hidden_layers
@@ -41,4 +39,13 @@ def split(model: Any, layer: int) -> tuple[Head, Tail]:
         raise ConfigError(
             f"split layer must be an integer in 1..{n - 1} for this model, got {layer!r}"
         )
+
+
+def split(model: Any, layer: int) -> tuple[Head, Tail]:
+    """The head (embedding + layers[:layer], our own modules with copied weights) and the tail
+    (layers[layer:] + norm + lm_head of ``model`` itself) of a Llama or Qwen2 causal LM.
+
+    Raises as :func:`check_split` does.
+    """
+    check_split(model, layer)
     return Head.from_hf(model, layer), Tail(model, layer)
