@@ -15,7 +15,10 @@ Two ways to run it, one set of layers:
   keys (after rotary) and values of the T positions seen so far, stacked over the head's L layers;
   ``present_*`` is ``(L, B, n_kv_heads, T + S, head_dim)``: past concatenated with the new step
   along the time axis. Key slot ``j`` holds position ``j``, and a query at position ``p`` sees
-  the slots ``j <= p``. Prefill passes ``T = 0`` (:meth:`Head.empty_kv`).
+  the slots ``j <= p`` (and ``j > p - W`` in a sliding-window layer). Prefill passes ``T = 0``
+  (:meth:`Head.empty_kv`). Checked with ``torch.onnx.export(..., opset_version=18,
+  dynamo=True)`` and onnxruntime with B, S and T dynamic; trace it with example inputs of
+  B >= 2, S >= 2 and T >= 2, or the exporter specialises those sizes to the example's 0 or 1.
 * :meth:`Head.start` gives a :class:`HeadSession` for the runtime: a static cache of
   ``max_seq_len`` slots written in place (gpt-fast style), one call per prefill or decode step.
 """
@@ -288,8 +291,7 @@ class Head(nn.Module):
     @classmethod
     def from_hf(cls, model: Any, layer: int) -> Head:
         """The head of a Hugging Face ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` cut after
-        ``layer``
-        decoder layers; the weights are copied (the head is independent of ``model``)."""
+        ``layer`` decoder layers; the weights are copied (the head is independent of ``model``)."""
         cfg = HeadConfig.from_hf(model.config, layer)
         source = model.model
         param = next(source.parameters())
