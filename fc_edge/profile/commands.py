@@ -41,6 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-clients", default="1,2,4,8",
                    help="real concurrent clients on loopback vs the simulation "
                    "('' to skip; default %(default)s)")
+    p.add_argument("--shaped-check", choices=["auto", "off"], default="auto",
+                   help="time payloads over a tbf-shaped veth link between two network "
+                   "namespaces and compare with the analytic links (needs root; 'auto' skips "
+                   "with the reason otherwise)")
+    p.add_argument("--shaped-links", default="",
+                   help="also run the runtime itself (server and client in namespaces) over "
+                   "shaped links at these links' rates, e.g. 5g,wifi6 (root; default none)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process, server and client (default %(default)s)")
     p.add_argument("--prompt-seed", type=int, default=0,
@@ -64,6 +71,8 @@ def config_from_args(args: argparse.Namespace):
         sim_clients=_ints(args.sim_clients, "--sim-clients"),
         check_clients=_ints(args.check_clients, "--check-clients"),
         threads=args.threads, seed=args.prompt_seed, out=Path(args.out),
+        shaped_check=args.shaped_check == "auto",
+        shaped_links=parse_links(args.shaped_links) if args.shaped_links else [],
     )
 
 

@@ -3,15 +3,17 @@
 The edge server runs in a child process (``python -m fc_edge.profile.driver serve``, a thin
 wrapper over :func:`fc_edge.runtime.server.start_server` that prints the port it bound); the
 device client runs in this process, one :class:`~fc_edge.runtime.client.DeviceClient` per codec
-and, for the multi-client check, one per concurrent client thread. Both processes use
-``threads`` torch threads each (default 1), so that a stage's time is one core's work: the
-same basis the multi-client model assumes.
+and, for the multi-client check, one per concurrent client thread. Over the shaped link both
+run as children inside their network namespaces (``... driver client`` prints its timings).
+Both processes use ``threads`` torch threads each (default 1), so that a stage's time is one
+core's work: the same basis the multi-client model assumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import random
 import subprocess
@@ -38,16 +40,19 @@ class ServerProcess:
     threads: int = 1
     max_sessions: int = 16
     startup_timeout_s: float = 300.0
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS]
     proc: subprocess.Popen | None = field(default=None, repr=False)
     port: int = 0
     split: int = 0
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def __enter__(self) -> ServerProcess:
-        cmd = [sys.executable, "-m", "fc_edge.profile.driver", "serve", "--model", self.model,
+        cmd = [*self.prefix, sys.executable, "-m", "fc_edge.profile.driver", "serve",
+               "--model", self.model, "--host", self.host,
                "--threads", str(self.threads), "--max-sessions", str(self.max_sessions)]
         if self.split_layer is not None:
             cmd += ["--split-layer", str(self.split_layer)]
@@ -174,9 +179,60 @@ def run_concurrent(device: DeviceSide, address: str, codec: Any, n_clients: int,
     return {"walls": walls, "results": results, "makespan_s": makespan}
 
 
+def run_client_process(prefix: list[str], address: str, model: str, split_layer: int,
+                       codec: str, codec_kwargs: dict[str, Any], prompt_len: int, seed: int,
+                       new_tokens: int, repeats: int, threads: int = 1,
+                       timeout_s: float = 600.0) -> dict:
+    """Run generations from a client child process (e.g. inside a network namespace).
+
+    Returns ``{"steps": [StepTiming dicts], "setup_s": [s per generation]}``; the first
+    generation (a 2-token warm-up) is not included.
+    """
+    cmd = [*prefix, sys.executable, "-m", "fc_edge.profile.driver", "client",
+           "--address", address, "--model", model, "--split-layer", str(split_layer),
+           "--codec", codec, "--codec-kwargs", json.dumps(codec_kwargs),
+           "--prompt-len", str(prompt_len), "--seed", str(seed), "--new-tokens", str(new_tokens),
+           "--repeats", str(repeats), "--threads", str(threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if p.returncode != 0:
+        tail = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "no output"
+        raise ServerProcessError(f"the client process failed: {tail}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _client(argv: Sequence[str]) -> None:
+    p = argparse.ArgumentParser(description="device client child of the profiler (internal)")
+    for flag in ("--address", "--model", "--codec"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--codec-kwargs", default="{}")
+    for flag in ("--split-layer", "--prompt-len", "--new-tokens", "--repeats"):
+        p.add_argument(flag, type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    device = DeviceSide(a.model, a.split_layer, threads=a.threads)
+    client = device.client(a.address, make_codec(a.codec, json.loads(a.codec_kwargs)))
+    prompt = device.prompt(a.prompt_len, a.seed)
+    steps: list[dict] = []
+    setups: list[float] = []
+    try:
+        generate(client, prompt, 2)  # warm-up: connection, allocations
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            res = generate(client, prompt, a.new_tokens)
+            wall = time.perf_counter() - t0
+            steps += [s.as_dict() for s in res.steps]
+            setups.append(wall - sum(s.total_s for s in res.steps))
+    finally:
+        client.close()
+    print(json.dumps({"steps": steps, "setup_s": setups}), flush=True)
+
+
 def _serve(argv: Sequence[str]) -> None:
     p = argparse.ArgumentParser(description="edge server child of the profiler (internal)")
     p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--split-layer", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-sessions", type=int, default=16)
@@ -186,7 +242,7 @@ def _serve(argv: Sequence[str]) -> None:
     torch.set_num_threads(a.threads)
     from fc_edge.runtime.server import start_server
 
-    handle = start_server(a.model, split_layer=a.split_layer, host="127.0.0.1", port=0,
+    handle = start_server(a.model, split_layer=a.split_layer, host=a.host, port=0,
                           max_sessions=a.max_sessions, idle_timeout_s=600.0)
     print(f"listening {handle.port} {handle.servicer.split_layer}", flush=True)
     try:
@@ -198,5 +254,7 @@ def _serve(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         _serve(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "client":
+        _client(sys.argv[2:])
     else:
-        sys.exit("usage: python -m fc_edge.profile.driver serve --model M [--split-layer L]")
+        sys.exit("usage: python -m fc_edge.profile.driver serve|client ... (internal)")

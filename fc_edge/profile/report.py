@@ -197,6 +197,43 @@ def markdown(report: dict) -> str:
                  f"{r['rel_error']:+.1%}", "ok" if r["within_tolerance"] else "OUT"]
                 for r in check["rows"]]
         out += [_table(["N", "measured mean", "simulated mean", "error", ""], rows), ""]
+    shaped = report.get("shaped_check")
+    if shaped:
+        out += ["## Analytic link vs a tbf-shaped link", ""]
+        if "skipped" in shaped:
+            out += [f"Skipped: {shaped['skipped']}.", ""]
+        else:
+            out += ["One TCP connection between two network namespaces over a veth pair, each "
+                    "direction shaped by `tc tbf` at the rate; per payload the time of "
+                    "`up(8 + n) + down(1)` (median of 3), against the analytic link at that rate "
+                    "with the pair's measured base latency. Tolerance 10%.", ""]
+            rows = []
+            for res in shaped["rates"]:
+                for r in res["rows"]:
+                    rows.append([format_rate(res["rate_bps"]), f"{r['bytes']:,}",
+                                 _ms(r["measured_s"]), _ms(r["model_s"]),
+                                 f"{r['rel_error']:+.1%}",
+                                 "ok" if r["within_tolerance"] else "OUT"])
+            out += [_table(["rate", "payload bytes", "measured ms", "model ms", "error", ""],
+                           rows), ""]
+    shaped_rt = report.get("shaped_runtime")
+    if shaped_rt:
+        out += ["## The runtime over a shaped link", ""]
+        if "skipped" in shaped_rt:
+            out += [f"Skipped: {shaped_rt['skipped']}.", ""]
+        else:
+            out += ["Server and client in their own namespaces over the tbf-shaped veth pair "
+                    "(no added latency); predicted = loopback measurement + analytic link at "
+                    "the same rate. Network = the client's rpc stage (round trip minus server "
+                    "time).", ""]
+            rows = [[r["link"], r["codec"], str(r["prompt_len"]),
+                     _ms(r["measured_rpc_prefill_s"]), _ms(r["predicted_net_prefill_s"]),
+                     _ms(r["measured_ttft_s"]), _ms(r["predicted_ttft_s"]),
+                     _ms(r["measured_tpot_s"]), _ms(r["predicted_tpot_s"])]
+                    for r in shaped_rt["rows"]]
+            out += [_table(["link", "codec", "prompt", "prefill net measured",
+                            "prefill net predicted", "TTFT measured", "TTFT predicted",
+                            "TPOT measured", "TPOT predicted"], rows), ""]
     out += ["Files: `profile.json` (everything above, plus p90s and raw steps), "
             "`stages_<link>.png`, `rate_sweep.png`, `clients.png`.", ""]
     return "\n".join(out)
