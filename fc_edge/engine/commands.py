@@ -1,0 +1,78 @@
+"""CLI verb ``export``: a thin front over :func:`fc_edge.engine.export.export_engine`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from fc_edge.cli import add_model_args
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export the device head to ONNX (and TensorRT), verified against the torch head",
+        description="Export embed + layers[:L] to ONNX opset 18 (prefill and decode graphs), "
+        "check and verify them with onnxruntime on the CPU, and write engines/<name>/.",
+    )
+    add_export_args(p)
+    p.set_defaults(func=cmd_export)
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    """The ``export`` flags (shared with tools/export_engine.py)."""
+    add_model_args(p)
+    p.add_argument("--split-layer", type=int, required=True, help="L: export layers[:L]")
+    p.add_argument("--out", default="engines", help="parent folder (default: engines/)")
+    p.add_argument("--name", default=None,
+                   help="engine folder name (default: <model>-L<L>[-fourier-ks..-kd..])")
+    f = p.add_argument_group("in-graph fourier block (optional)")
+    f.add_argument("--in-graph-fourier", action="store_true",
+                   help="add a fourier_block output: the codec's truncated 2-D DFT as matmuls")
+    f.add_argument("--k-s", type=int, default=None, help="kept token frequencies (and mirrors)")
+    f.add_argument("--k-d", type=int, default=None, help="kept half-spectrum columns along D")
+    f.add_argument("--ratio", type=float, default=None,
+                   help="choose k_s, k_d as FourierCodec(ratio) does for --ratio-seq-len tokens")
+    f.add_argument("--ratio-seq-len", type=int, default=128,
+                   help="prefill length the --ratio geometry is chosen for (default 128)")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also build fp16 TensorRT engines (needs the tensorrt package)")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="torch.onnx exporter (default dynamo; torchscript is faster, deprecated)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest relative error vs the torch head accepted (default 1e-4)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fc_edge.engine.export import export_engine, fourier_geometry
+    from fc_edge.errors import ConfigError
+    from fc_edge.models.pretrained import load_model
+
+    geometry_flags = (args.k_s, args.k_d, args.ratio)
+    if not args.in_graph_fourier and any(x is not None for x in geometry_flags):
+        raise ConfigError("--k-s, --k-d and --ratio need --in-graph-fourier")
+    if args.tensorrt:
+        from fc_edge.engine.tensorrt import require_tensorrt
+
+        require_tensorrt()  # before the minutes of loading and exporting
+    t0 = time.perf_counter()
+    model, _ = load_model(args.model)
+    fourier = None
+    if args.in_graph_fourier:
+        if all(x is None for x in geometry_flags):
+            raise ConfigError("--in-graph-fourier needs --k-s and --k-d, or --ratio")
+        fourier = fourier_geometry(
+            model.config.hidden_size, args.k_s, args.k_d, args.ratio, args.ratio_seq_len
+        )
+    result = export_engine(
+        model, args.split_layer, args.out, model_spec=args.model, name=args.name,
+        fourier=fourier, tensorrt=args.tensorrt, exporter=args.exporter,
+        tolerance=args.tolerance, log=lambda msg: print(msg, flush=True))
+    m = result.manifest
+    total = sum(f["bytes"] for f in m["files"].values())
+    print(f"wrote {result.folder}/ ({', '.join(m['files'])}; {total / 1e6:.1f} MB) in "
+          f"{time.perf_counter() - t0:.1f} s (export {result.seconds['export']:.1f} s); "
+          f"fingerprint {m['model_fingerprint']}, split layer {m['split_layer']}"
+          + (f", fourier k_s={fourier[0]} k_d={fourier[1]}" if fourier else ""))
+    return 0

@@ -1,0 +1,202 @@
+"""Run an exported head with onnxruntime: a drop-in for the torch head in the device client.
+
+>>> engine = EngineHead("engines/smollm2-135m-L1")
+>>> session = engine.start(max_seq_len=64)
+>>> a = session.step(torch.tensor([1, 2, 3]))    # (3, D) float32, like HeadSession.step
+>>> session.last_block                            # (1, R, k_d, 2) with the in-graph fourier option
+
+Providers are tried in the order TensorRT -> CUDA -> CPU, keeping those this onnxruntime build
+offers (``onnxruntime-gpu`` / JetPack's build have the first two). The TensorRT provider builds
+its own fp16 engine on first use and caches it in ``<engine>/trt-cache/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fc_edge.engine.graphs import kv_names
+from fc_edge.errors import ConfigError
+
+PREFERRED_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+
+class EngineConfig:
+    """The few Hugging Face config fields a client reads, from the manifest."""
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        self.model_type = manifest["model_type"]
+        self.hidden_size = manifest["hidden_size"]
+        self.num_hidden_layers = manifest["num_hidden_layers"]
+        self.vocab_size = manifest["vocab_size"]
+
+
+def load_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{str(folder)!r} is not an exported engine (no manifest.json): "
+            "make one with `fc-edge export`"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): export the engine again") from None
+
+
+def select_providers(requested: list[str] | None = None) -> list[str]:
+    """``requested`` (checked against this build) or the available ones in preferred order."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ConfigError(
+                f"onnxruntime here has no {', '.join(missing)} (it has {', '.join(available)}): "
+                "install onnxruntime-gpu (desktop) or JetPack's onnxruntime-gpu wheel (Jetson)"
+            )
+        return list(requested)
+    return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
+
+
+class EngineHead:
+    """The exported head in ``folder`` behind the head interface: :meth:`start`,
+    ``hidden_size``, ``layer``, ``config`` and ``fingerprint`` (the model's, from the manifest).
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        providers: list[str] | None = None,
+        manifest: dict[str, Any] | None = None,
+        threads: int = 0,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.manifest = manifest if manifest is not None else load_manifest(self.folder)
+        self.providers = select_providers(providers)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        provider_args: list[Any] = []
+        for p in self.providers:
+            if p == "TensorrtExecutionProvider":
+                cache = self.folder / "trt-cache"
+                provider_args.append(
+                    (
+                        p,
+                        {
+                            "trt_fp16_enable": True,
+                            "trt_engine_cache_enable": True,
+                            "trt_engine_cache_path": str(cache),
+                        },
+                    )
+                )
+            else:
+                provider_args.append(p)
+        self.sessions = {}
+        for graph in ("prefill", "decode"):
+            path = self.folder / self.manifest["graphs"][graph]["file"]
+            if not path.is_file():
+                raise ConfigError(f"{path} is missing: export the engine again")
+            self.sessions[graph] = ort.InferenceSession(
+                str(path), sess_options=opts, providers=provider_args
+            )
+        self.config = EngineConfig(self.manifest)
+        self.fingerprint: str = self.manifest["model_fingerprint"]
+        self.fourier: dict[str, Any] | None = self.manifest.get("fourier")
+        self.past_names, self.present_names = kv_names(self.layer)
+
+    @property
+    def layer(self) -> int:
+        return int(self.manifest["split_layer"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.manifest["hidden_size"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def start(self, max_seq_len: int) -> EngineSession:
+        return EngineSession(self, max_seq_len)
+
+
+class EngineSession:
+    """One generation: the per-layer key/value arrays ``past`` (optimum order: key 0,
+    value 0, key 1, ...; each ``(1, n_kv, T, hd)`` float32) and the next position.
+
+    The first step runs the prefill graph over all its tokens; every later token runs the
+    decode graph (a multi-token step after the first runs it once per token).
+    ``last_block`` is the ``fourier_block`` output of the last graph run (None without the
+    option). For a prefill shorter than the block's ``2 k_s - 1`` rows, where the graph's block
+    is undefined, :func:`fc_edge.ops.spectral_compress` computes it from the activation, with
+    ``k_s`` clipped to ``S // 2 + 1`` as the codec does).
+    """
+
+    def __init__(self, engine: EngineHead, max_seq_len: int) -> None:
+        if max_seq_len < 1:
+            raise ConfigError(f"max_seq_len must be at least 1, got {max_seq_len}")
+        if max_seq_len > engine.manifest.get("max_seq_len", max_seq_len):
+            raise ConfigError(
+                f"the engine was exported for at most {engine.manifest['max_seq_len']} positions, "
+                f"asked for {max_seq_len}"
+            )
+        self.engine = engine
+        self.max_seq_len = max_seq_len
+        self.position = 0
+        self.past: list[np.ndarray] = []
+        self.last_block: Tensor | None = None
+
+    def step(self, input_ids: Tensor) -> Tensor:
+        """Run tokens ``input_ids`` (S,) long at the next S positions; returns (S, D) float32."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).cpu().numpy()
+        s = ids.shape[0]
+        if s == 0:
+            raise ConfigError("step needs at least one token")
+        if self.position + s > self.max_seq_len:
+            raise ConfigError(
+                f"the session holds {self.max_seq_len} positions; {s} more token(s) at position "
+                f"{self.position} do not fit: start a session with a larger max_seq_len"
+            )
+        if self.position == 0:
+            rows = [self._run("prefill", ids[None])]
+            fourier = self.engine.fourier
+            if fourier and s < fourier["prefill_min_seq_len"]:
+                # outside the graph's block shapes: the same block from the activation
+                from fc_edge.ops import spectral_compress
+
+                k_s = min(fourier["k_s"], s // 2 + 1)
+                self.last_block = spectral_compress(torch.from_numpy(rows[0]), k_s, fourier["k_d"])
+        else:
+            rows = [self._run("decode", ids[None, i : i + 1]) for i in range(s)]
+        return torch.from_numpy(np.concatenate(rows, axis=1)[0])
+
+    def _run(self, graph: str, ids: np.ndarray) -> np.ndarray:
+        s = ids.shape[1]
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": ids.astype(np.int64),
+            "position_ids": np.arange(self.position, self.position + s, dtype=np.int64)[None],
+        }
+        if graph == "decode":
+            feeds.update(zip(self.engine.past_names, self.past, strict=True))
+        outs = self.engine.sessions[graph].run(None, feeds)
+        activation = outs[0]
+        n_extra = 1 if self.engine.fourier else 0
+        self.last_block = torch.from_numpy(outs[1]) if n_extra else None
+        self.past = list(outs[1 + n_extra :])
+        self.position += s
+        return activation
