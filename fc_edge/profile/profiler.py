@@ -270,7 +270,8 @@ def shaped_runtime_check(cfg: ProfileConfig, runs: list[dict], split_layer: int,
                        "predicted_net_prefill_s":
                            run["summary"]["prefill"]["stages"]["rpc"]["median"]
                            + predicted["prefill"]["stages"]["transfer"]
-                           + predicted["prefill"]["stages"]["return"]}
+                           + predicted["prefill"]["stages"]["return"],
+                       "measured_summary": measured}
                 rows.append(row)
                 log(f"profile: shaped {link.name} {run['codec']}: prefill network measured "
                     f"{row['measured_rpc_prefill_s'] * 1e3:.1f} ms vs predicted "

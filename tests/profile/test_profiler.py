@@ -10,6 +10,7 @@ import pytest
 from fc_edge.cli import main
 from fc_edge.profile.link import parse_links
 from fc_edge.profile.profiler import ProfileConfig, run_profile
+from fc_edge.profile.shaped import unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,3 +57,21 @@ def test_tool_script_is_the_same_verb():
                          capture_output=True, text=True, check=True).stdout
     for flag in ("--codecs", "--prompt-lengths", "--new-tokens", "--links", "--out"):
         assert flag in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(unavailable_reason() is not None, reason=f"{unavailable_reason()}")
+def test_runtime_over_a_shaped_link_matches_the_prediction(tmp_path):
+    # 1024 rows x 64 fp32 = 256 KiB per prefill: ~110 ms at 20 Mbit/s, well above the rpc's own
+    # few ms, and the tbf burst (3 frames, 1.8 ms at this rate) small beside it
+    cfg = ProfileConfig(model="synthetic:tiny-llama", codecs=["identity"],
+                        prompt_lengths=[1024], new_tokens=2, repeats=2,
+                        links=parse_links("20mbit"), sim_clients=[], check_clients=[],
+                        shaped_check=False, shaped_links=parse_links("20mbit"), out=tmp_path)
+    report = run_profile(cfg, log=lambda m: None)
+    (row,) = report["shaped_runtime"]["rows"]
+    assert row["measured_rpc_prefill_s"] > 0.1
+    # the prediction adds the loopback rpc time to the link's; part of it overlaps the transfer
+    assert row["measured_rpc_prefill_s"] == pytest.approx(row["predicted_net_prefill_s"],
+                                                          rel=0.15)
+    # (TTFT also carries the compute of two fresh processes on a shared host: reported only)
