@@ -316,7 +316,11 @@ def _io_spec(path: Path) -> dict[str, Any]:
             }
         return out
 
-    return {"file": path.name, "inputs": spec(model.graph.input), "outputs": spec(model.graph.output)}
+    return {
+        "file": path.name,
+        "inputs": spec(model.graph.input),
+        "outputs": spec(model.graph.output),
+    }
 
 
 def _export_prefill(
