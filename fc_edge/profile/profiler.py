@@ -177,7 +177,7 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] | None = None) ->
         run["rate_sweep"] = rate_sweep(run["summary"], cfg.new_tokens, DEFAULT_SWEEP_RATES)
     simulation = simulate_codecs(cfg, runs) if cfg.sim_clients else None
     shaped = shaped_payload_check(cfg, log) if cfg.shaped_check else None
-    shaped_runtime = shaped_runtime_check(cfg, runs, server.split, log) \
+    shaped_runtime = shaped_runtime_check(cfg, runs, server.split, hidden, log) \
         if cfg.shaped_links else None
     report = {
         "config": {**{k: v for k, v in asdict(cfg).items() if k not in ("links", "out")},
@@ -228,7 +228,7 @@ def shaped_payload_check(cfg: ProfileConfig, log: Callable[[str], None]) -> dict
     return out
 
 
-def shaped_runtime_check(cfg: ProfileConfig, runs: list[dict], split_layer: int,
+def shaped_runtime_check(cfg: ProfileConfig, runs: list[dict], split_layer: int, hidden: int,
                          log: Callable[[str], None]) -> dict:
     """The runtime itself over a shaped link: server and client in their namespaces.
 
@@ -257,7 +257,7 @@ def shaped_runtime_check(cfg: ProfileConfig, runs: list[dict], split_layer: int,
                     live.exec_prefix(live.client_ns), server.address, cfg.model, split_layer,
                     run["codec"], cfg.codec_kwargs, plen, cfg.seed + plen, cfg.new_tokens,
                     cfg.repeats, cfg.threads)
-                measured = summarize_steps(got["steps"], 1)
+                measured = summarize_steps(got["steps"], hidden)
                 predicted = on_link(run["summary"], model_link, cfg.new_tokens)
                 row = {"link": link.name, "rate_bps": link.rate_bps, "codec": run["codec"],
                        "prompt_len": plen,
