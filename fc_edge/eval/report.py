@@ -1,0 +1,176 @@
+"""Tables (markdown, CSV) and plots (PNG) of :func:`fc_edge.eval.runner.evaluate` results."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from fc_edge.eval.tasks import PAPER_ABBREV, PAPER_ORDER
+
+
+def _task_order(tasks: list[str]) -> list[str]:
+    known = [t for t in PAPER_ORDER if t in tasks]
+    return known + [t for t in tasks if t not in known]
+
+
+def accuracy_rows(res: dict[str, Any], metric: str = "acc") -> list[dict[str, Any]]:
+    """One row per (layer, setting): the metric per task (percent) and the mean, plus agreement,
+    KL and bytes means."""
+    tasks = _task_order(res["tasks"])
+    rows = []
+    for layer, per in res["results"].items():
+        base = per.get("none", {}).get("mean", {}).get(metric)
+        for label, r in per.items():
+            m = r["mean"]
+            row: dict[str, Any] = {"layer": int(layer), "codec": label, "row_wise": r["row_wise"]}
+            for t in tasks:
+                row[t] = 100 * r["tasks"][t][metric]
+            row["mean"] = 100 * m[metric]
+            row["delta"] = None if base is None else 100 * (m[metric] - base)
+            row["agreement"] = 100 * m["agreement"]
+            row["kl"] = m["kl"]
+            row["bytes"] = m["bytes"]
+            row["byte_ratio"] = m["byte_ratio_pooled"]
+            row["fallbacks"] = sum(int(x["budget_fallbacks"]) for x in r["tasks"].values())
+            rows.append(row)
+    return rows
+
+
+def accuracy_markdown(res: dict[str, Any], metric: str = "acc") -> str:
+    tasks = _task_order(res["tasks"])
+    head = (["L", "codec"] + [PAPER_ABBREV.get(t, t) for t in tasks]
+            + ["mean", "Δ", "agree", "KL", "bytes/seq", "×f32", "row-wise"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in accuracy_rows(res, metric):
+        cells = [str(row["layer"]), f"`{row['codec']}`"] + [f"{row[t]:.1f}" for t in tasks]
+        cells += [f"{row['mean']:.1f}",
+                  "" if row["delta"] is None else f"{row['delta']:+.1f}",
+                  f"{row['agreement']:.1f}", f"{row['kl']:.4f}", f"{row['bytes']:.0f}",
+                  f"{row['byte_ratio']:.1f}", "yes" if row["row_wise"] else "no"]
+        if row["fallbacks"]:
+            cells[-1] += f" ({row['fallbacks']} raw)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def perplexity_markdown(res: dict[str, Any]) -> str:
+    head = ["L", "codec", "ppl", "Δ ppl %", "top-1 agree", "bytes/seq", "×f32", "rel. error",
+            "row-wise"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref = res["reference_ppl"]
+    for layer, per in res["results"].items():
+        for label, r in per.items():
+            cells = [layer, f"`{label}`", f"{r['ppl']:.2f}", f"{100 * (r['ppl'] / ref - 1):+.2f}",
+                     f"{100 * r['agreement']:.1f}", f"{r['bytes']:.0f}", f"{r['byte_ratio']:.1f}",
+                     f"{r['rel_error']:.3f}", "yes" if r["row_wise"] else "no"]
+            if r["budget_fallbacks"]:
+                cells[-1] += f" ({r['budget_fallbacks']} raw)"
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def perplexity_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for layer, per in res["results"].items():
+        for label, r in per.items():
+            out.append({"layer": int(layer), "codec": label, "row_wise": r["row_wise"],
+                        "ppl": r["ppl"], "agreement": r["agreement"], "bytes": r["bytes"],
+                        "byte_ratio": r["byte_ratio"], "rel_error": r["rel_error"]})
+    return out
+
+
+def plot_layers(res: dict[str, Any], path: Path, metric: str = "acc") -> None:
+    """Figure 4 style: mean accuracy (and per task) vs split layer, one line per codec."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = _task_order(res["tasks"])
+    layers = sorted(int(L) for L in res["results"])
+    labels = res["settings"]
+    panels = tasks + (["mean"] if len(tasks) > 1 else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for label in labels:
+            ys = []
+            for L in layers:
+                r = res["results"][str(L)][label]
+                ys.append(100 * (r["mean"][metric] if panel == "mean" else
+                                 r["tasks"][panel][metric]))
+            ax.plot(layers, ys, marker="o", label=label)
+        ax.set_title(PAPER_ABBREV.get(panel, panel))
+        ax.set_xlabel("split after layer")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(layers, [str(L) for L in layers])
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric} (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_frontier(points: list[dict[str, Any]], path: Path, reference: float | None = None,
+                  ylabel: str = "mean acc (%)", title: str = "") -> None:
+    """Bytes vs accuracy: one point per setting (``bytes_ratio`` x, ``value`` y, ``label``);
+    the Pareto frontier (fewest bytes for the accuracy) is drawn as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in points:
+        ax.scatter(p["bits_per_element"], p["value"], s=28,
+                   marker="o" if p.get("row_wise", True) else "x")
+        ax.annotate(p["label"], (p["bits_per_element"], p["value"]), fontsize=6,
+                    xytext=(3, 2), textcoords="offset points")
+    front = pareto(points)
+    ax.plot([p["bits_per_element"] for p in front], [p["value"] for p in front], "k--", lw=1,
+            label="frontier")
+    if reference is not None:
+        ax.axhline(reference, color="gray", lw=1, label="uncompressed")
+        ax.axhline(reference - 0.5, color="gray", lw=1, ls=":", label="uncompressed - 0.5")
+    ax.axvline(4.0, color="red", lw=0.8, ls=":", label="1/8 of float32 (4 bits/element)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits sent per activation element (log2; float32 = 32)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "bytes vs accuracy (o row-wise, x whole-block)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Points not dominated (no other has fewer or equal bits and a higher or equal value, one
+    strictly), sorted by bits."""
+    out = []
+    for p in sorted(points, key=lambda q: (q["bits_per_element"], -q["value"])):
+        if not out or p["value"] > out[-1]["value"]:
+            out.append(p)
+    return out
+
+
+def frontier_points(res: dict[str, Any], metric: str = "acc", layer: str | None = None
+                    ) -> list[dict[str, Any]]:
+    layer = layer or str(min(int(L) for L in res["results"]))
+    pts = []
+    for label, r in res["results"][layer].items():
+        m = r["mean"]
+        pts.append({"label": label, "value": 100 * m[metric], "row_wise": r["row_wise"],
+                    "bits_per_element": 32.0 / m["byte_ratio_pooled"]})
+    return pts

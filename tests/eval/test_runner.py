@@ -1,0 +1,114 @@
+"""The evaluation path against the Hugging Face model itself (fc_edge/eval/runner.py).
+
+Oracles: the full model's logits (uncompressed scores and perplexity) and a forward hook that
+applies the codec to the output of layer L-1 (the definition of "codec at the split").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fc_edge.eval.runner import evaluate, perplexity
+from fc_edge.eval.settings import build_settings
+from fc_edge.eval.tasks import encode_item, load_task
+
+
+class CharTokenizer:
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + ord(c) % 250 for c in text]}
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    (tmp_path / "toy").mkdir()
+    recs = [{"id": str(i), "question": f"what is {i}?", "choices": ["one", "two words", "x"],
+             "label": i % 3} for i in range(4)]
+    (tmp_path / "toy" / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    (tmp_path / "wino").mkdir()
+    w = {"id": "w", "sentence": "a _ b", "option1": "p", "option2": "q", "label": 1,
+         "context_options": ["a p", "a q"], "continuation": "b c"}
+    (tmp_path / "wino" / "dev.jsonl").write_text(json.dumps(w))
+    return tmp_path
+
+
+def reference_logliks(model, item, tok, hook=None):
+    """Summed continuation log-probs from the full Hugging Face forward, one sequence at a time."""
+    enc = encode_item(item, lambda s: tok(s)["input_ids"], prefix_id=0)
+    out = []
+    for seq, start in zip(enc.sequences, enc.starts, strict=True):
+        ids = torch.tensor([seq])
+        with torch.inference_mode():
+            logits = model(ids).logits[0].double()
+        lp = torch.log_softmax(logits, -1)
+        out.append(float(sum(lp[t - 1, seq[t]] for t in range(start, len(seq)))))
+    return out
+
+
+def test_uncompressed_scores_equal_full_model(tiny_llama, data_dir):
+    tok = CharTokenizer()
+    res = evaluate(tiny_llama, tok, ["toy", "wino"], build_settings("none"), [1],
+                   data_dir=data_dir, progress=False)
+    for task in ("toy", "wino"):
+        items = load_task(task, data_dir)
+        want_acc = []
+        for item in items:
+            ll = reference_logliks(tiny_llama, item, tok)
+            want_acc.append(float(max(range(len(ll)), key=lambda i: (ll[i], -i)) == item.label))
+        got = res["results"]["1"]["none"]["tasks"][task]
+        assert got["acc"] == pytest.approx(sum(want_acc) / len(want_acc))
+        assert got["agreement"] == 1.0 and got["kl"] == 0.0
+
+
+def test_codec_at_split_equals_forward_hook(tiny_llama, data_dir):
+    """Layer-stack path with int8 at L=2 == full forward with the codec hooked on layers[1]."""
+    tok = CharTokenizer()
+    settings = build_settings("none,int8,identity")
+    res = evaluate(tiny_llama, tok, ["toy"], settings, [2], data_dir=data_dir, progress=False)
+    int8 = settings[1]
+
+    def hook(_module, _inp, out):
+        h = out[0] if isinstance(out, tuple) else out
+        x_hat, _, _ = int8.send(h[0])
+        h2 = x_hat[None]
+        return (h2, *out[1:]) if isinstance(out, tuple) else h2
+
+    handle = tiny_llama.model.layers[1].register_forward_hook(hook)
+    try:
+        items = load_task("toy", data_dir)
+        ref = [reference_logliks(tiny_llama, it, tok) for it in items]
+    finally:
+        handle.remove()
+    preds = [max(range(len(ll)), key=lambda i: (ll[i], -i)) for ll in ref]
+    acc = sum(float(p == it.label) for p, it in zip(preds, items, strict=True)) / len(items)
+    r = res["results"]["2"]
+    assert r["int8"]["tasks"]["toy"]["acc"] == pytest.approx(acc)
+    assert r["int8"]["tasks"]["toy"]["byte_ratio"] > 3.5   # int8 + per-row scales + header
+    assert r["identity"]["tasks"]["toy"]["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert r["identity"]["tasks"]["toy"]["agreement"] == 1.0
+
+
+def test_perplexity_equals_full_model(tiny_llama, tmp_path):
+    tok = CharTokenizer()
+    path = tmp_path / "docs.txt"
+    path.write_text("hello world\n\nsplit inference is fun\nx\n")
+    res = perplexity(tiny_llama, tok, path, build_settings("none,fourier[ratio=4],identity"), [1],
+                     max_tokens=8, progress=False)
+    nll, n = 0.0, 0
+    for doc in ("hello world", "split inference is fun"):
+        ids = torch.tensor([tok(doc)["input_ids"][:8]])
+        with torch.inference_mode():
+            lp = torch.log_softmax(tiny_llama(ids).logits[0, :-1].double(), -1)
+        nll -= float(lp.gather(1, ids[0, 1:, None]).sum())
+        n += ids.shape[1] - 1
+    assert res["documents"] == 2 and res["tokens"] == n
+    assert res["reference_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-6)
+    r = res["results"]["1"]
+    assert r["identity"]["ppl"] == pytest.approx(res["reference_ppl"], rel=1e-6)
+    assert r["identity"]["agreement"] == 1.0
+    assert r["fourier[ratio=4]"]["row_wise"] is False and r["none"]["row_wise"] is True
