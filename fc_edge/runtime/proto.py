@@ -84,8 +84,10 @@ def _generate(folder: Path, digest: str) -> None:
 
 
 def _writable_folder(digest: str) -> Path:
-    if os.access(PACKAGE_DIR, os.W_OK):
-        return PACKAGE_DIR
+    return PACKAGE_DIR if os.access(PACKAGE_DIR, os.W_OK) else _cache_folder(digest)
+
+
+def _cache_folder(digest: str) -> Path:
     from fc_edge.models.pretrained import cache_root
 
     return cache_root() / "proto" / digest[:16]
@@ -122,7 +124,15 @@ def load() -> tuple[ModuleType, ModuleType]:
         digest = proto_digest()
         folder = PACKAGE_DIR if _is_current(PACKAGE_DIR, digest) else _writable_folder(digest)
         if not _is_current(folder, digest):
-            _generate(folder, digest)
+            try:
+                _generate(folder, digest)
+            except OSError:
+                if folder != PACKAGE_DIR:
+                    raise
+                # the package folder looked writable but is not (read-only mount)
+                folder = _cache_folder(digest)
+                if not _is_current(folder, digest):
+                    _generate(folder, digest)
         return _load_from(folder)
 
 

@@ -434,6 +434,9 @@ def start_server(
         ("grpc.max_receive_message_length", max_payload_bytes + 64 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.so_reuseport", 0),
+        # clients ping every 30 s to notice a dead server during a long step; allow it
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
     # one worker per session plus room to answer Info and to refuse sessions over the limit
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_sessions + 4,
