@@ -216,7 +216,7 @@ def shaped_payload_check(cfg: ProfileConfig, log: Callable[[str], None]) -> dict
     out: dict[str, Any] = {"tolerance": 0.10, "sizes": cfg.shaped_sizes, "rates": []}
     for rate in rates:
         try:
-            res = compare_with_model(rate, sizes=cfg.shaped_sizes, repeats=3)
+            res = compare_with_model(rate, sizes=cfg.shaped_sizes, repeats=5)
         except ShapedLinkUnavailable as e:
             log(f"profile: shaped-link check at {rate:g} bit/s failed: {e}")
             return {"skipped": str(e)}
