@@ -1,0 +1,45 @@
+"""Low-frequency energy shares against signals whose spectra are known (analysis/spectra.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fc_edge.analysis.spectra import axis_power, low_frequency_share
+
+
+def test_constant_is_all_low_frequency():
+    x = torch.ones(16, 32)
+    assert low_frequency_share(x, 0) == pytest.approx(1.0)
+    assert low_frequency_share(x, 1) == pytest.approx(1.0)
+
+
+def test_impulse_has_a_flat_spectrum():
+    # a delta along an axis has equal energy at every frequency: share == kept fraction
+    x = torch.zeros(16, 64)
+    x[:, 5] = 1.0
+    assert low_frequency_share(x, 1, 0.125) == pytest.approx(8 / 64)
+    assert low_frequency_share(x, 1, 0.5) == pytest.approx(32 / 64)
+
+
+def test_low_cosine_counts_both_mirrors():
+    # cos(2 pi s / S) has energy at frequencies +1 and -1: the 3 lowest (0, +1, -1) hold all of it
+    S = 24
+    s = torch.arange(S, dtype=torch.float64)
+    x = torch.cos(2 * math.pi * s / S)[:, None].repeat(1, 4)
+    assert low_frequency_share(x, 0, 3 / S) == pytest.approx(1.0)
+    assert low_frequency_share(x, 0, 1 / S) == pytest.approx(0.0, abs=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 20), st.integers(2, 20), st.integers(0, 2**31 - 1))
+def test_parseval(S, D, seed):
+    x = torch.randn(S, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    energy = float(x.square().sum())
+    assert float(axis_power(x, 0).sum()) == pytest.approx(S * energy)
+    assert float(axis_power(x, 1).sum()) == pytest.approx(D * energy)
+    assert 0.0 <= low_frequency_share(x, 0, 0.3) <= 1.0 + 1e-12
