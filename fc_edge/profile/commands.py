@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="link of the multi-client simulation (default: the first of --links)")
     p.add_argument("--workers", type=int, default=1,
                    help="server workers in the multi-client simulation (default %(default)s)")
+    p.add_argument("--server-speedup", type=float, default=1.0,
+                   help="simulate a server this many times faster than the measured one, e.g. "
+                   "a GPU server (default %(default)s)")
     p.add_argument("--sim-clients", default="1,2,4,8,16,32,64",
                    help="client counts to simulate ('' to skip; default %(default)s)")
     p.add_argument("--check-clients", default="1,2,4,8",
@@ -67,7 +70,7 @@ def config_from_args(args: argparse.Namespace):
         codec_kwargs=codec_kwargs(args),
         prompt_lengths=_ints(args.prompt_lengths, "--prompt-lengths"),
         new_tokens=args.new_tokens, repeats=args.repeats, links=parse_links(args.links),
-        sim_link=args.sim_link, workers=args.workers,
+        sim_link=args.sim_link, workers=args.workers, server_speedup=args.server_speedup,
         sim_clients=_ints(args.sim_clients, "--sim-clients"),
         check_clients=_ints(args.check_clients, "--check-clients"),
         threads=args.threads, seed=args.prompt_seed, out=Path(args.out),

@@ -67,6 +67,9 @@ class ProfileConfig:
     links: list[LinkModel] = field(default_factory=lambda: list(PRESETS.values()))
     sim_link: str | None = None  # default: the first of links
     workers: int = 1
+    # what-if: the simulated server is this many times faster than the measured one (a GPU
+    # server profiled from a CPU run); the simulation only
+    server_speedup: float = 1.0
     sim_clients: list[int] = field(default_factory=lambda: list(DEFAULT_SIM_CLIENTS))
     check_clients: list[int] = field(default_factory=lambda: list(DEFAULT_CHECK_CLIENTS))
     check_new_tokens: int = 6
@@ -92,6 +95,8 @@ class ProfileConfig:
             raise ConfigError("--new-tokens must be >= 2 (one prefill and one decode step)")
         if self.repeats < 1 or self.threads < 1 or self.workers < 1:
             raise ConfigError("--repeats, --threads and --workers must be >= 1")
+        if not self.server_speedup > 0:
+            raise ConfigError("--server-speedup must be > 0 (1 = the measured server)")
         if any(n < 1 for n in [*self.sim_clients, *self.check_clients]):
             raise ConfigError("client counts must be >= 1")
         if self.sim_link is not None and self.sim_link not in [ln.name for ln in self.links]:
@@ -301,11 +306,14 @@ def simulate_codecs(cfg: ProfileConfig, runs: list[dict]) -> dict:
     link = next(ln for ln in cfg.links if ln.name == link_name)
     plen = max(cfg.prompt_lengths)
     out: dict[str, Any] = {"link": link.name, "workers": cfg.workers, "prompt_len": plen,
-                           "codecs": {}}
+                           "server_speedup": cfg.server_speedup, "codecs": {}}
     for run in runs:
         if run["prompt_len"] != plen:
             continue
         w = workload_from_steps(run["steps"], cfg.new_tokens, run["setup_s"])
+        if cfg.server_speedup != 1.0:
+            for d in (w.prefill, w.decode):
+                d.server_s = Empirical(x / cfg.server_speedup for x in d.server_s.samples)
         sweep = sweep_clients(w, link, cfg.sim_clients, workers=cfg.workers,
                               generations_per_client=10, seed=cfg.seed)
         out["codecs"][run["codec"]] = {

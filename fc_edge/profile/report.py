@@ -159,19 +159,25 @@ def markdown(report: dict) -> str:
     out += ["## On each link (medians, ms)", "",
             "`transfer` / `return` = link latency + framed bytes / rate, added to the measured "
             "stages; response = TTFT + (new tokens - 1) x TPOT.", ""]
-    rows = []
-    for run in report["runs"]:
-        for v in run["links"]:
-            rows.append([run["codec"], str(run["prompt_len"]), f"{v['link']} ({v['link_desc']})",
-                         _ms(v["prefill"]["stages"]["transfer"]) if "prefill" in v else "-",
-                         _ms(v["decode"]["stages"]["transfer"]) if "decode" in v else "-",
-                         _ms(v["ttft_s"]), _ms(v["tpot_s"]), _ms(v["response_s"])])
-    out += [_table(["codec", "prompt", "link", "prefill transfer", "decode transfer", "TTFT",
-                    "TPOT", "response"], rows), ""]
+    links = [(v["link"], v["link_desc"]) for v in report["runs"][0]["links"]]
+    heads = [f"{name} ({desc})" for name, desc in links]
+    for title, cell in (
+        ("TTFT / TPOT / response",
+         lambda v: f"{_ms(v['ttft_s'])} / {_ms(v['tpot_s'])} / {_ms(v['response_s'])}"),
+        ("transfer of the activation: prefill / decode step",
+         lambda v: f"{_ms(v['prefill']['stages']['transfer']) if 'prefill' in v else '-'} / "
+                   f"{_ms(v['decode']['stages']['transfer']) if 'decode' in v else '-'}"),
+    ):
+        rows = [[run["codec"], str(run["prompt_len"]), *[cell(v) for v in run["links"]]]
+                for run in report["runs"]]
+        out += [f"**{title}**", "", _table(["codec", "prompt", *heads], rows), ""]
     sim = report.get("simulation")
     if sim:
         out += ["## Multi-client simulation", "",
-                f"{sim['workers']} server worker(s), link `{sim['link']}`, prompt "
+                f"{sim['workers']} server worker(s)"
+                + (f" {sim['server_speedup']:g}x faster than measured"
+                   if sim.get("server_speedup", 1.0) != 1.0 else "")
+                + f", link `{sim['link']}`, prompt "
                 f"{sim['prompt_len']}, devices with their own compute; response = one whole "
                 "generation (ms). N* = saturation point (response alone / bottleneck demand).",
                 ""]
@@ -343,7 +349,9 @@ def plot_clients(report: dict, path: Path) -> None:
     if check:
         fig.text(0.01, 0.01, "loopback check: " + ", ".join(
             f"N={r['n_clients']} {r['rel_error']:+.0%}" for r in check["rows"]), fontsize=7)
-    fig.suptitle(f"{sim['workers']} worker(s), link {sim['link']}, prompt {sim['prompt_len']}")
+    speed = sim.get("server_speedup", 1.0)
+    fig.suptitle(f"{sim['workers']} worker(s)" + (f" x{speed:g} speed" if speed != 1.0 else "")
+                 + f", link {sim['link']}, prompt {sim['prompt_len']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
