@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fc_edge.errors import ConfigError, FcEdgeError
+from fc_edge.errors import FcEdgeError
 
 
 class ServerProcessError(FcEdgeError):
@@ -91,10 +91,7 @@ def make_codec(name: str, kwargs: dict[str, Any]) -> Any:
     from fc_edge.codecs.base import ALIASES, codec_class
 
     base = ALIASES[name][0] if name in ALIASES else name
-    try:
-        cls = codec_class(base)
-    except (KeyError, ConfigError) as e:
-        raise ConfigError(f"unknown codec {name!r}: {e}") from None
+    cls = codec_class(base)  # ConfigError naming the available codecs
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     return get_codec(name, **{k: v for k, v in kwargs.items() if k in accepted})
 
