@@ -103,7 +103,8 @@ def analyze(model: Any, token_ids: Sequence[Sequence[int]], layers: Sequence[int
         per_layer[str(L)] = entry
         if progress is not None:
             progress(f"layer {L}: low-frequency share (lowest {fraction:g} of frequencies) "
-                     f"tokens {entry['token_low_share']:.3f}, hidden {entry['hidden_low_share']:.3f}")
+                     f"tokens {entry['token_low_share']:.3f}, "
+                     f"hidden {entry['hidden_low_share']:.3f}")
     return {"layers": layers, "fraction": fraction, "ratios": list(ratios),
             "documents": len(token_ids), "tokens": sum(len(t) for t in token_ids),
             "settings": [s[0] for s in settings], "per_layer": per_layer,

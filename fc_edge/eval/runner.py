@@ -22,7 +22,7 @@ from torch import Tensor
 from fc_edge.errors import ConfigError
 from fc_edge.eval.forward import LayerStack, pad_batch
 from fc_edge.eval.scoring import ItemScore, Tally, mean_over_tasks
-from fc_edge.eval.settings import NONE, CodecSetting, relative_error
+from fc_edge.eval.settings import CodecSetting, relative_error
 from fc_edge.eval.tasks import encode_item, load_task
 
 
@@ -90,19 +90,19 @@ def check_layers(stack: LayerStack, layers: Sequence[int]) -> list[int]:
 def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequence[CodecSetting],
              split_layers: Sequence[int] = (1,), limit: int | None = None,
              data_dir: Path | None = None, max_len: int | None = 2048,
-             progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             progress: bool = True, log: Callable[[str], None] | None = None,
+             record_items: bool = False) -> dict[str, Any]:
     """Multiple-choice scores of every (split layer, codec setting) on ``tasks``.
 
     Returns a JSON-ready dict: ``results[layer][label]["tasks"][task]`` -> metrics (``acc``,
     ``acc_norm``, ``agreement``, ``kl``, ``bytes``, ...) and ``["mean"]`` over tasks, plus per
-    task the item count and items per second.
+    task the item count and items per second. ``record_items`` also keeps every item's
+    per-choice log-likelihoods: ``results[layer][label]["items"][task]`` -> list of lists.
     """
     stack = LayerStack(model)
     layers = check_layers(stack, split_layers)
     encode, eos = _encoder(tokenizer)
     pad_id = eos if eos is not None else 0
-    ref_setting = CodecSetting(NONE, NONE)
-    codec_settings = [s for s in settings if s.codec is not None]
     tallies: dict[tuple[int, str, str], Tally] = {}
     timing: dict[str, dict[str, float]] = {}
     t_all = time.perf_counter()
@@ -134,21 +134,25 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
                         t = tallies[(L, s.label, task)]
                         if s.codec is None:
                             t.add(ref, ref)
+                            if record_items:
+                                t.items.append(ref.logliks)
                             for n in lengths:
                                 t.add_bytes(n * stack.hidden_size * 4, n * stack.hidden_size * 4,
                                             0.0)
                             continue
                         a_hat = send_rows(s, kept[L], lengths, t)
                         hh = stack.run(a_hat, ctx, L, stack.num_layers)
-                        t.add(ItemScore(_logliks(stack, hh, rows, cols, toks, counts),
-                                        list(enc.cont_bytes), item.label), ref)
+                        score = ItemScore(_logliks(stack, hh, rows, cols, toks, counts),
+                                          list(enc.cont_bytes), item.label)
+                        t.add(score, ref)
+                        if record_items:
+                            t.items.append(score.logliks)
         dt = time.perf_counter() - t0
         timing[task] = {"items": len(items), "seconds": dt, "items_per_s": len(items) / dt}
         ref_r = ref_tally.result()
         if log is not None:
             log(f"{task}: {len(items)} items in {dt:.1f} s ({len(items) / dt:.2f} items/s), "
                 f"uncompressed acc {ref_r['acc']:.3f} acc_norm {ref_r['acc_norm']:.3f}")
-    del ref_setting, codec_settings
     results: dict[str, Any] = {}
     for L in layers:
         per_layer: dict[str, Any] = {}
@@ -156,6 +160,9 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
             per_task = {task: tallies[(L, s.label, task)].result() for task in tasks}
             per_layer[s.label] = {"codec": s.name, "config": s.config, "row_wise": s.row_wise,
                                   "tasks": per_task, "mean": mean_over_tasks(per_task)}
+            if record_items:
+                per_layer[s.label]["items"] = {task: tallies[(L, s.label, task)].items
+                                               for task in tasks}
         results[str(L)] = per_layer
     total_items = sum(t["items"] for t in timing.values())
     elapsed = time.perf_counter() - t_all

@@ -46,7 +46,7 @@ def choice_distribution(logliks: Sequence[float]) -> list[float]:
 
 def kl_divergence(ref: Sequence[float], other: Sequence[float]) -> float:
     """``KL(softmax(ref) || softmax(other))`` in nats, >= 0."""
-    p, q = choice_distribution(ref), choice_distribution(other)
+    p = choice_distribution(ref)
     mq = max(other)
     log_zq = mq + math.log(sum(math.exp(v - mq) for v in other))
     mr = max(ref)
@@ -55,7 +55,6 @@ def kl_divergence(ref: Sequence[float], other: Sequence[float]) -> float:
     for pi, r, o in zip(p, ref, other, strict=True):
         if pi > 0:
             out += pi * ((r - log_zr) - (o - log_zq))
-    del q
     return max(out, 0.0)
 
 
@@ -99,6 +98,7 @@ class Tally:
     raw_bytes: int = 0           # float32 bytes of the same activations
     budget_fallbacks: int = 0    # sequences the codec could not code at its budget (sent raw)
     errors: list[float] = field(default_factory=list)  # relative reconstruction error per seq
+    items: list[list[float]] = field(default_factory=list)  # per-item log-likelihoods, if kept
 
     def add(self, score: ItemScore, ref: ItemScore | None) -> None:
         self.n += 1
