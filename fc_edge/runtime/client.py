@@ -100,6 +100,8 @@ class DeviceClient:
         self.model = model
         self.tokenizer = tokenizer
         if split_layer is None:
+            if model is None:
+                raise ConfigError("give split_layer when the head is not built from a model")
             from fc_edge.runtime.server import default_split_layer
 
             split_layer = default_split_layer(model)
