@@ -178,6 +178,10 @@ def run_demo(model: Any, tokenizer: Any, codecs: list[str], prompt: str | list[i
             print(f"server on {handle.address}: layers {layer}..{n - 1} (tail); "
                   f"device head: layers 0..{layer - 1}")
             print(f"prompt{' (chat template)' if chat else ''}: {prompt!r}\n")
+        # one untimed generation first: the first forward pays one-off costs (allocator,
+        # kernel selection) that would otherwise land in the first codec's prefill time
+        with DeviceClient(handle.address, (model, tokenizer), layer, "identity") as client:
+            client.generate(prompt, 2, chat=chat)
         for name in codecs:
             with DeviceClient(handle.address, (model, tokenizer), layer, name) as client:
                 result = client.generate(prompt, max_new_tokens, chat=chat)
