@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -87,6 +89,10 @@ def _check_tokens(n: int) -> None:
 
 
 # --- serve ------------------------------------------------------------------------------------
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from fc_edge.runtime.server import start_server
 
@@ -99,6 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"fc-edge serve: {args.model} split at layer {handle.servicer.split_layer} "
           f"(fingerprint {handle.fingerprint}) on {handle.address}"
           + (f" [{', '.join(extras)}]" if extras else ""), flush=True)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (docker stop, systemd) stops as Ctrl-C does: refuse new sessions, let open
+        # ones finish for up to 2 s
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         handle.wait()
     except KeyboardInterrupt:

@@ -309,9 +309,13 @@ def test_serve_runs_as_a_process(tiny_llama, tmp_path: Path):
         info = client.info()
         assert info.split_layer == LAYER and info.active_sessions == 0
         client.close()
+        proc.terminate()  # SIGTERM stops it cleanly
+        assert proc.wait(30) == 0
+        assert "stopping" in proc.stdout.read()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
