@@ -136,7 +136,11 @@ def run(args: argparse.Namespace) -> int:
         stem = "perplexity" if args.perplexity is not None else "accuracy"
         (out / f"{stem}.md").write_text(table + "\n")
         report.write_csv(rows, out / f"{stem}.csv")
-        if args.perplexity is None:
+        if args.perplexity is not None:
+            report.plot_frontier(report.frontier_points(res), out / "frontier.png",
+                                 ylabel="next-token top-1 agreement with uncompressed (%)",
+                                 title="bytes vs decode fidelity (o row-wise, x whole-block)")
+        else:
             (out / "accuracy_norm.md").write_text(report.accuracy_markdown(res, "acc_norm") + "\n")
             if len(res["split_layers"]) > 1:
                 report.plot_layers(res, out / "layers.png")

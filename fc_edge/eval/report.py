@@ -167,10 +167,15 @@ def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def frontier_points(res: dict[str, Any], metric: str = "acc", layer: str | None = None
                     ) -> list[dict[str, Any]]:
+    """(bits per element, metric in percent) per setting at ``layer`` (default: the first);
+    perplexity results give the top-1 agreement."""
     layer = layer or str(min(int(L) for L in res["results"]))
     pts = []
     for label, r in res["results"][layer].items():
-        m = r["mean"]
-        pts.append({"label": label, "value": 100 * m[metric], "row_wise": r["row_wise"],
-                    "bits_per_element": 32.0 / m["byte_ratio_pooled"]})
+        if res.get("kind") == "perplexity":
+            value, ratio = r["agreement"], r["byte_ratio"]
+        else:
+            value, ratio = r["mean"][metric], r["mean"]["byte_ratio_pooled"]
+        pts.append({"label": label, "value": 100 * value, "row_wise": r["row_wise"],
+                    "bits_per_element": 32.0 / ratio})
     return pts
