@@ -41,7 +41,7 @@ CODEC_FLAGS: dict[str, dict[str, Any]] = {
     "keep": {"type": int, "help": "rotated: transformed coefficients kept per row (truncation)"},
     "seed": {"type": int, "help": "rotated: seed of the randomized Hadamard signs"},
     "entropy": {"help": "rotated: entropy coding of the codes: deflate | none"},
-    "max_bits": {"type": float, "help": "rotated: rate cap in packed bits per element"},
+    "quantizer": {"help": "rotated: uniform (entropy-coded, --bits = budget) | absmax"},
 }
 
 

@@ -58,13 +58,21 @@ WIRE_DTYPE_OF_VALUE: dict[torch.dtype, str] = {
     torch.bfloat16: "bf2",
 }
 
-# Fixed part of the wire header (see docs/wire-format.md): magic 2, version 1, codec 1, dtype 1,
-# ndim 1, then 4 bytes per dim, the codec's parameters, body length 4, and the CRC32 trailer 4.
+# Wire header (docs/wire-format.md): magic 2, version 1, codec 1, dtype 1, ndim 1, then the dims,
+# the codec's parameters and the body length as LEB128 varints, and a CRC32 trailer of 4 bytes.
 _FIXED_HEADER = 6
-_PER_DIM = 4
-_BODY_LEN = 4
 _CRC = 4
-_PARAM_BYTES = {"B": 1, "H": 2, "I": 4}
+# Largest value a parameter of each declared width may take on the wire.
+PARAM_MAX = {"B": 2**8 - 1, "H": 2**16 - 1, "I": 2**32 - 1}
+
+
+def varint_len(value: int) -> int:
+    """Bytes of ``value`` (>= 0) as an LEB128 varint."""
+    n = 1
+    while value >= 0x80:
+        value >>= 7
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -110,10 +118,25 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def header_bytes(codec_cls: type[Codec], ndim: int) -> int:
-    """Bytes the wire format adds around a codec's body for an ``ndim``-dim activation."""
-    params = sum(_PARAM_BYTES[fmt] for _, fmt in codec_cls.wire_params)
-    return _FIXED_HEADER + _PER_DIM * ndim + params + _BODY_LEN + _CRC
+def header_bytes(
+    codec_cls: type[Codec],
+    shape: tuple[int, ...],
+    params: Mapping[str, int] | None = None,
+    body_bytes: int | None = None,
+) -> int:
+    """Bytes the wire format adds around a codec's body.
+
+    Exact when ``params`` and ``body_bytes`` are given; otherwise an upper bound (each parameter
+    at its declared width's maximum, the body as large as the raw activation).
+    """
+    dims = sum(varint_len(d) for d in shape)
+    if params is None:
+        par = sum(varint_len(PARAM_MAX[fmt]) for _, fmt in codec_cls.wire_params)
+    else:
+        par = sum(varint_len(int(params[name])) for name, _ in codec_cls.wire_params)
+    if body_bytes is None:
+        body_bytes = math.prod(shape) * 4
+    return _FIXED_HEADER + dims + par + varint_len(body_bytes) + _CRC
 
 
 class Codec(ABC):
@@ -150,6 +173,13 @@ class Codec(ABC):
         """The keyword arguments that rebuild this codec with ``get_codec(self.name, **config)``."""
         return {}
 
+    def bind(self, weights: torch.Tensor | None) -> Codec:
+        """Give the codec per-channel importance weights ``(D,)`` of the model it serves.
+
+        Most codecs ignore them; ``rotated`` shapes its noise with them. Returns self.
+        """
+        return self
+
     # --- helpers shared by the codecs -------------------------------------------------------
     def _encoded(
         self, src: torch.Tensor, params: dict[str, int], /, **tensors: torch.Tensor
@@ -157,10 +187,21 @@ class Codec(ABC):
         return Encoded(self.name, params, tuple(src.shape), src.dtype, dict(tensors))
 
     @classmethod
-    def budget_bytes(cls, shape: tuple[int, ...], dtype: torch.dtype, ratio: float) -> int:
-        """Body bytes available so that the packed payload is ``<= raw / ratio``."""
+    def budget_bytes(
+        cls,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        ratio: float,
+        params_bound: Mapping[str, int] | None = None,
+    ) -> int:
+        """Body bytes available so that the packed payload is ``<= raw / ratio``.
+
+        ``params_bound``: the largest value each wire parameter can take for this shape (a tight
+        bound keeps the varint header estimate tight); default: each format's maximum.
+        """
         raw = math.prod(shape) * _element_size(dtype)
-        return math.floor(raw / ratio) - header_bytes(cls, len(shape))
+        cap = math.floor(raw / ratio)
+        return cap - header_bytes(cls, shape, params_bound, cap)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())

@@ -67,7 +67,12 @@ class LowRankCodec(Codec):
         assert self.ratio is not None
         vbytes = value_dtype_of({"value_dtype": value_dtype_code(self.value_dtype)}).itemsize
         r = min(
-            self.budget_bytes(tuple(x.shape), x.dtype, self.ratio) // (B * vbytes * (S + D)), S, D
+            self.budget_bytes(
+                tuple(x.shape), x.dtype, self.ratio, {"rank": min(S, D), "value_dtype": 3}
+            )
+            // (B * vbytes * (S + D)),
+            S,
+            D,
         )
         if r < 1:
             raise too_small(

@@ -194,7 +194,8 @@ class QuantCodec(Codec):
         if self.bits is not None:
             return self.bits
         assert self.ratio is not None
-        budget = self.budget_bytes(tuple(x.shape), x.dtype, self.ratio)
+        bound = {"bits": 8, "group_size": self.group_size, "value_dtype": 3}
+        budget = self.budget_bytes(tuple(x.shape), x.dtype, self.ratio, bound)
         rows = x.numel() // D
         for bits in range(8, 1, -1):
             body = 2 * rows * n_groups(D, self.group_size) + packed_nbytes(rows * D, bits)

@@ -68,7 +68,11 @@ class TopKCodec(Codec):
         assert self.ratio is not None
         vdt = value_dtype_of({"value_dtype": value_dtype_code(self.value_dtype)})
         per = vdt.itemsize + WIRE_DTYPES[index_wire_dtype(S * D)][0]
-        k = min(self.budget_bytes(tuple(x.shape), x.dtype, self.ratio) // (B * per), S * D)
+        k = min(
+            self.budget_bytes(tuple(x.shape), x.dtype, self.ratio, {"k": S * D, "value_dtype": 3})
+            // (B * per),
+            S * D,
+        )
         if k < 1:
             raise too_small(self.name, tuple(x.shape), self.ratio, "not even one value fits")
         return k

@@ -148,7 +148,8 @@ class FourierCodec(Codec):
         if self.k_s is not None:
             return min(self.k_s, S // 2 + 1), min(self.k_d, D // 2 + 1)
         assert self.ratio is not None
-        budget = self.budget_bytes(tuple(x.shape), x.dtype, self.ratio)
+        bound = {"k_s": S // 2 + 1, "k_d": D // 2 + 1, "value_dtype": 3}
+        budget = self.budget_bytes(tuple(x.shape), x.dtype, self.ratio, bound)
         vbytes = torch.empty(
             (), dtype=value_dtype_of({"value_dtype": VALUE_DTYPE_CODES[self.value_dtype]})
         ).element_size()

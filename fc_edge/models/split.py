@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from fc_edge.errors import ConfigError, ModelError
 from fc_edge.models.head import Head
 from fc_edge.models.tail import Tail
@@ -49,3 +51,20 @@ def split(model: Any, layer: int) -> tuple[Head, Tail]:
     """
     check_split(model, layer)
     return Head.from_hf(model, layer), Tail(model, layer)
+
+
+def channel_weights(model, layer: int) -> torch.Tensor:
+    """``(D,)`` importance of each hidden channel of the activation sent after ``layer`` layers.
+
+    The RMS, over the decoder layers after the split, of their input RMSNorm gains: a channel that
+    later layers scale down tolerates more noise. Used to shape the ``rotated`` codec's noise.
+    """
+    layers = model.model.layers[layer:]
+    gains = torch.stack([blk.input_layernorm.weight.detach().float() for blk in layers])
+    w = gains.square().mean(dim=0).sqrt()
+    return w.clamp_min(1e-3 * float(w.max()))
+
+
+def bind_codec(codec, model, layer: int):
+    """Bind ``codec`` to the model it serves (channel weights for noise shaping); returns it."""
+    return codec.bind(channel_weights(model, layer))
