@@ -130,6 +130,8 @@ def export_engine(
     model_spec = model_spec or getattr(model.config, "name_or_path", "") or "model"
     head, _ = split(model, layer=split_layer)
     head = head.float().eval()
+    from fc_edge.models.split import channel_weights
+
     fingerprint = model_fingerprint(model)
     seconds["load"] = time.perf_counter() - t0
 
@@ -166,6 +168,9 @@ def export_engine(
         "model_type": model.config.model_type,
         "model_fingerprint": fingerprint,
         "split_layer": split_layer,
+        # per-channel weights the `rotated` codec shapes its noise with (from the layers after
+        # the split, which the device does not hold)
+        "channel_weights": [round(float(v), 6) for v in channel_weights(model, split_layer)],
         "num_hidden_layers": model.config.num_hidden_layers,
         "hidden_size": D,
         "num_kv_heads": head.head_config.num_kv_heads,

@@ -116,6 +116,8 @@ class EngineHead:
             )
         self.config = EngineConfig(self.manifest)
         self.fingerprint: str = self.manifest["model_fingerprint"]
+        weights = self.manifest.get("channel_weights")
+        self.channel_weights = torch.tensor(weights) if weights else None
         self.fourier: dict[str, Any] | None = self.manifest.get("fourier")
         self.past_names, self.present_names = kv_names(self.layer)
 

@@ -59,6 +59,7 @@ def channel_weights(model, layer: int) -> torch.Tensor:
     The RMS, over the decoder layers after the split, of their input RMSNorm gains: a channel that
     later layers scale down tolerates more noise. Used to shape the ``rotated`` codec's noise.
     """
+    check_split(model, layer)
     layers = model.model.layers[layer:]
     gains = torch.stack([blk.input_layernorm.weight.detach().float() for blk in layers])
     w = gains.square().mean(dim=0).sqrt()

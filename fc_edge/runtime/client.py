@@ -122,6 +122,14 @@ class DeviceClient:
         else:
             self.codec = codec
             self.codec_label = codec.name
+        # Bind the codec to the model's channel weights (noise shaping for `rotated`); the
+        # server registers the same vector for the model it serves.
+        weights = getattr(head, "channel_weights", None)
+        if weights is None and model is not None:
+            from fc_edge.models.split import channel_weights
+
+            weights = channel_weights(model, split_layer)
+        self.codec.bind(weights)
         self.fallback = get_codec(FALLBACK_CODEC)
         self._refused_rows: set[int] = set()
         self.device = _device_of(head, model)

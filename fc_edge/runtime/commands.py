@@ -42,6 +42,8 @@ def add_parser(subparsers: Any) -> None:
         description="Run layers[:L] here, compress each activation, finish on `fc-edge serve`.")
     add_model_args(g)
     _add_split_arg(g)
+    g.add_argument("--engine", default=None,
+                   help="run the head from an exported engine folder (see `fc-edge export`)")
     g.add_argument("--server", required=True, help="HOST:PORT of `fc-edge serve`")
     g.add_argument("--prompt", required=True, help="prompt text (tokenized as is)")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
@@ -132,10 +134,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     codec: Any = get_codec(args.codec, **kwargs) if kwargs else args.codec
     if isinstance(codec, str):
         get_codec(codec)  # a wrong name fails here, before the model loads
-    model, tokenizer = load_model(args.model)
+    head = fingerprint = None
+    if args.engine:
+        from fc_edge.engine import EngineHead
+
+        head = EngineHead(args.engine)
+        if args.split_layer not in (None, head.layer):
+            raise ConfigError(f"--split-layer {args.split_layer}, but {args.engine} was exported "
+                              f"at layer {head.layer}")
+        args.split_layer, fingerprint = head.layer, head.fingerprint
+    model, tokenizer = load_model(args.model)  # the tokenizer and EOS ids
     with DeviceClient(args.server, (model, tokenizer), args.split_layer, codec,
                       token=args.token, tls_ca=args.tls_ca,
-                      tls_server_name=args.tls_server_name) as client:
+                      tls_server_name=args.tls_server_name, head=head,
+                      fingerprint=fingerprint) as client:
         result = client.generate(args.prompt, args.max_new_tokens, sampling=sampling,
                                  chat=args.chat)
     print(result.text if result.text is not None else " ".join(map(str, result.token_ids)))

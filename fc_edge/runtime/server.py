@@ -72,8 +72,10 @@ def make_tail(model: Any, layer: int) -> Any:
 
 
 def default_split_layer(model: Any) -> int:
-    """The split layer used when none is given: a quarter of the decoder layers (at least 1)."""
-    return max(1, model.config.num_hidden_layers // 4)
+    """The split layer used when none is given: after the first decoder layer (the paper's split,
+    the one docs/results.md measures)."""
+    del model
+    return 1
 
 
 class _Abort(Exception):
@@ -428,6 +430,10 @@ def start_server(
     model = load_server_model(model_spec_or_model)
     if split_layer is None:
         split_layer = default_split_layer(model)
+    from fc_edge.codecs.transform import register_channel_weights
+    from fc_edge.models.split import channel_weights
+
+    register_channel_weights(channel_weights(model, split_layer))  # decodes shaped payloads
     servicer = SplitInferenceServicer(model, split_layer, token, max_sessions, max_seq_len,
                                       max_payload_bytes, idle_timeout_s)
     options = [
