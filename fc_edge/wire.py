@@ -23,8 +23,8 @@ import torch
 
 from fc_edge.codecs.base import (
     ACTIVATION_DTYPES,
-    PARAM_MAX,
     DTYPE_BY_CODE,
+    PARAM_MAX,
     WIRE_DTYPES,
     Encoded,
     TensorSpec,
