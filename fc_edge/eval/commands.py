@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
             (out / "accuracy_norm.md").write_text(report.accuracy_markdown(res, "acc_norm") + "\n")
             if len(res["split_layers"]) > 1:
                 report.plot_layers(res, out / "layers.png")
+                report.plot_layers(res, out / "layers_agreement.png", "agreement")
             ref = res["results"][str(res["split_layers"][0])].get("none")
             report.plot_frontier(report.frontier_points(res), out / "frontier.png",
                                  None if ref is None else 100 * ref["mean"]["acc"])

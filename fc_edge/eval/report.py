@@ -115,7 +115,8 @@ def plot_layers(res: dict[str, Any], path: Path, metric: str = "acc") -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(layers, [str(L) for L in layers])
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{metric} (%)")
+    axes[0][0].set_ylabel(f"{metric} (%)" if metric != "agreement" else
+                          "agreement with uncompressed choice (%)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -179,3 +180,23 @@ def frontier_points(res: dict[str, Any], metric: str = "acc", layer: str | None 
         pts.append({"label": label, "value": 100 * value, "row_wise": r["row_wise"],
                     "bits_per_element": 32.0 / ratio})
     return pts
+
+
+def merge_accuracy(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One accuracy result from runs over disjoint task sets with the same settings and layers
+    (e.g. two processes, one per core); means over tasks are recomputed."""
+    from fc_edge.eval.scoring import mean_over_tasks
+
+    first = parts[0]
+    out = {**first, "tasks": [t for p in parts for t in p["tasks"]], "results": {}}
+    for layer in first["results"]:
+        out["results"][layer] = {}
+        for label, r in first["results"][layer].items():
+            tasks = {t: m for p in parts for t, m in p["results"][layer][label]["tasks"].items()}
+            out["results"][layer][label] = {**r, "tasks": tasks, "mean": mean_over_tasks(tasks)}
+    items = sum(p["timing"]["items"] for p in parts)
+    seconds = max(p["timing"]["seconds"] for p in parts)
+    out["timing"] = {"tasks": {t: v for p in parts for t, v in p["timing"]["tasks"].items()},
+                     "items": items, "seconds": seconds, "items_per_s": items / seconds,
+                     "processes": len(parts)}
+    return out
