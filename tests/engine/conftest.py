@@ -1,18 +1,10 @@
 """Engines exported once per test session (tiny Llama, tiny Qwen2 with the in-graph fourier
-block, SmolLM2-135M at split layer 1), and one torch thread on the shared CPU."""
+block, SmolLM2-135M at split layer 1)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _export(tmp_path_factory, model, layer, **kwargs):
