@@ -56,6 +56,9 @@ def add_parser(sub: Any) -> None:
                    "with --perplexity)")
     p.add_argument("--perplexity", type=Path, default=None, metavar="FILE",
                    help="teacher-forced perplexity on FILE (one document per line) instead")
+    p.add_argument("--per-token", action="store_true",
+                   help="perplexity: code every token row as its own (1, D) message, exactly "
+                   "what decode steps send (default: one message per document, the prefill)")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="perplexity: tokens per document (the rest is cut)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE",
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.perplexity is not None:
         res = perplexity(model, tokenizer, args.perplexity, settings, layers, args.limit,
-                         args.max_tokens, progress, log)
+                         args.max_tokens, progress, log, args.per_token)
         table = report.perplexity_markdown(res)
         rows = report.perplexity_rows(res)
     else:

@@ -55,7 +55,8 @@ def accuracy_markdown(res: dict[str, Any], metric: str = "acc") -> str:
 
 
 def perplexity_markdown(res: dict[str, Any]) -> str:
-    head = ["L", "codec", "ppl", "Δ ppl %", "top-1 agree", "bytes/seq", "×f32", "rel. error",
+    head = ["L", "codec", "ppl", "Δ ppl %", "top-1 agree",
+            "bytes/token" if res.get("per_token") else "bytes/seq", "×f32", "rel. error",
             "row-wise"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = res["reference_ppl"]

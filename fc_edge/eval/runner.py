@@ -66,16 +66,20 @@ def _logliks(stack: LayerStack, h: Tensor, rows: Tensor, cols: Tensor, toks: Ten
     return [float(x.sum()) for x in lp.split(counts)]
 
 
-def send_rows(setting: CodecSetting, h: Tensor, lengths: Sequence[int], tally: Tally | None
-              ) -> Tensor:
-    """Each row's unpadded (S_i, D) activation through the codec; the padded tail is kept."""
+def send_rows(setting: CodecSetting, h: Tensor, lengths: Sequence[int], tally: Tally | None,
+              per_token: bool = False) -> Tensor:
+    """Each batch row's unpadded (S_i, D) activation through the codec as one message (the
+    prefill), or with ``per_token`` each (1, D) token row as its own message (the decode steps);
+    the padded tail is kept."""
     out = h.clone()
     for r, n in enumerate(lengths):
-        x = h[r, :n]
-        x_hat, nbytes, fell_back = setting.send(x)
-        out[r, :n] = x_hat
-        if tally is not None:
-            tally.add_bytes(nbytes, x.numel() * 4, relative_error(x, x_hat), fell_back)
+        blocks = [(i, i + 1) for i in range(n)] if per_token else [(0, n)]
+        for a, b in blocks:
+            x = h[r, a:b]
+            x_hat, nbytes, fell_back = setting.send(x)
+            out[r, a:b] = x_hat
+            if tally is not None:
+                tally.add_bytes(nbytes, x.numel() * 4, relative_error(x, x_hat), fell_back)
     return out
 
 
@@ -191,12 +195,15 @@ def read_documents(path: Path, limit: int | None = None) -> list[str]:
 def perplexity(model: Any, tokenizer: Any, path: Path, settings: Sequence[CodecSetting],
                split_layers: Sequence[int] = (1,), limit: int | None = None,
                max_tokens: int = 512, progress: bool = True,
-               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               log: Callable[[str], None] | None = None, per_token: bool = False
+               ) -> dict[str, Any]:
     """Teacher-forced perplexity and next-token top-1 agreement with the uncompressed model.
 
     Each document (one per line of ``path``, the first ``max_tokens`` tokens) is one sequence;
     the codec is applied to its whole (S, D) activation at the split. For a row-wise codec this is
-    exactly what the server sees at every decode step; for the others it is the prefill block.
+    what the server sees at every decode step only if its coding of a row does not depend on the
+    block around it; ``per_token`` sends every token row as its own (1, D) message instead, which
+    is exactly the decode-step payload for any codec (the mean bytes are then per token).
     """
     if max_tokens < 2:
         raise ConfigError("--max-tokens must be >= 2")
@@ -246,7 +253,7 @@ def perplexity(model: Any, tokenizer: Any, path: Path, settings: Sequence[CodecS
                         tallies[key].add_bytes(S * stack.hidden_size * 4,
                                                S * stack.hidden_size * 4, 0.0)
                         continue
-                    a_hat = send_rows(s, kept[L], [S], tallies[key])
+                    a_hat = send_rows(s, kept[L], [S], tallies[key], per_token)
                     logits = stack.logits(stack.run(a_hat, ctx, L, stack.num_layers))[0, :-1]
                     nll[key] += float(-torch.log_softmax(logits.double(), -1).gather(
                         1, targets.view(-1, 1)).sum())
@@ -271,7 +278,7 @@ def perplexity(model: Any, tokenizer: Any, path: Path, settings: Sequence[CodecS
         log(f"perplexity: {n_docs} documents, {n_tokens} scored tokens in {dt:.1f} s; "
             f"uncompressed ppl {math.exp(ref_nll / n_tokens):.2f}")
     return {"kind": "perplexity", "file": str(path), "documents": n_docs, "tokens": n_tokens,
-            "max_tokens": max_tokens, "split_layers": layers,
+            "max_tokens": max_tokens, "split_layers": layers, "per_token": per_token,
             "settings": [s.label for s in settings], "reference_ppl": math.exp(ref_nll / n_tokens),
             "results": results,
             "timing": {"seconds": dt, "docs_per_s": n_docs / dt if dt else 0.0}}

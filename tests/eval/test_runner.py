@@ -112,3 +112,19 @@ def test_perplexity_equals_full_model(tiny_llama, tmp_path):
     assert r["identity"]["ppl"] == pytest.approx(res["reference_ppl"], rel=1e-6)
     assert r["identity"]["agreement"] == 1.0
     assert r["fourier[ratio=4]"]["row_wise"] is False and r["none"]["row_wise"] is True
+
+
+def test_per_token_messages(tiny_llama, tmp_path):
+    """int8 codes each row on its own, so one message per token equals one per document; the
+    bytes are then per token."""
+    tok = CharTokenizer()
+    path = tmp_path / "docs.txt"
+    path.write_text("hello world, hello split\n")
+    settings = build_settings("none,int8")
+    block = perplexity(tiny_llama, tok, path, settings, [1], progress=False)
+    rows = perplexity(tiny_llama, tok, path, settings, [1], progress=False, per_token=True)
+    assert rows["per_token"] and not block["per_token"]
+    assert rows["results"]["1"]["int8"]["ppl"] == pytest.approx(block["results"]["1"]["int8"]["ppl"])
+    S = len(tok("hello world, hello split")["input_ids"])
+    assert rows["results"]["1"]["int8"]["bytes"] < block["results"]["1"]["int8"]["bytes"] / S * 1.5
+    assert rows["results"]["1"]["int8"]["raw_bytes"] == 64 * 4
