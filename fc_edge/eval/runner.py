@@ -250,8 +250,9 @@ def perplexity(model: Any, tokenizer: Any, path: Path, settings: Sequence[CodecS
                     if s.codec is None:
                         nll[key] += d_nll
                         agree[key] += targets.numel()
-                        tallies[key].add_bytes(S * stack.hidden_size * 4,
-                                               S * stack.hidden_size * 4, 0.0)
+                        for n in ([1] * S if per_token else [S]):
+                            tallies[key].add_bytes(n * stack.hidden_size * 4,
+                                                   n * stack.hidden_size * 4, 0.0)
                         continue
                     a_hat = send_rows(s, kept[L], [S], tallies[key], per_token)
                     logits = stack.logits(stack.run(a_hat, ctx, L, stack.num_layers))[0, :-1]
