@@ -71,6 +71,7 @@ class FcEdgeLM(LM):
             self.setting = CodecSetting(NONE, NONE)
         else:
             self.setting = CodecSetting(name, name, codec_kwargs, get_codec(name, **codec_kwargs))
+        self.setting.bind(self.model, self.split_layer)
         try:
             self.batch = max(1, int(batch_size))
         except (TypeError, ValueError):

@@ -135,6 +135,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
                 ref_tally.add(ref, ref)
                 for L in layers:
                     for s in settings:
+                        s.bind(model, L)
                         t = tallies[(L, s.label, task)]
                         if s.codec is None:
                             t.add(ref, ref)
@@ -246,6 +247,7 @@ def perplexity(model: Any, tokenizer: Any, path: Path, settings: Sequence[CodecS
             S = ids.shape[1]
             for L in layers:
                 for s in settings:
+                    s.bind(model, L)
                     key = (L, s.label)
                     if s.codec is None:
                         nll[key] += d_nll

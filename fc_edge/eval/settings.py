@@ -96,6 +96,13 @@ class CodecSetting:
     def config(self) -> dict[str, Any]:
         return {} if self.codec is None else dict(self.codec.config())
 
+    def bind(self, model: Any, layer: int) -> None:
+        """Bind the codec to the model's channel weights at this split (as the runtime does)."""
+        if self.codec is not None:
+            from fc_edge.models.split import bind_codec
+
+            bind_codec(self.codec, model, layer)
+
     def send(self, x: Tensor) -> tuple[Tensor, int, bool]:
         """One (S, D) activation through encode -> wire bytes -> decode.
 
