@@ -188,9 +188,14 @@ def register_channel_weights(weights: torch.Tensor) -> int:
     w = weights.detach().float().cpu().reshape(-1)
     if w.numel() < 1 or not torch.isfinite(w).all() or (w <= 0).any():
         raise ConfigError("channel weights must be a non-empty vector of positive finite numbers")
-    w16 = w.to(torch.float16)
-    key = zlib.crc32(w16.numpy().tobytes()) or 1
-    _CHANNEL_WEIGHTS[key] = w16.float()
+    w16 = w.to(torch.float16).float()
+    # 14 bits of the CRC: a 2-byte varint (a full CRC32 would take 5 bytes of a 288-byte row)
+    key = (zlib.crc32(w16.to(torch.float16).numpy().tobytes()) & 0x3FFF) or 1
+    known = _CHANNEL_WEIGHTS.get(key)
+    if known is not None and not torch.equal(known, w16):
+        raise ConfigError(f"two different channel-weight vectors share id {key}; "
+                          "bind fewer models or split layers in one process")
+    _CHANNEL_WEIGHTS[key] = w16
     return key
 
 
@@ -198,11 +203,11 @@ def channel_weights_by_id(key: int, D: int, device: torch.device) -> torch.Tenso
     w = _CHANNEL_WEIGHTS.get(key)
     if w is None:
         raise WireError(
-            f"payload is shaped with channel weights {key:08x} this process does not know; "
+            f"payload is shaped with channel weights {key} this process does not know; "
             "bind the codec to the same model on both ends"
         )
     if w.numel() != D:
-        raise WireError(f"channel weights {key:08x} have {w.numel()} entries, the row has {D}")
+        raise WireError(f"channel weights {key} have {w.numel()} entries, the row has {D}")
     return w.to(device)
 
 
