@@ -91,6 +91,23 @@ def check_layers(stack: LayerStack, layers: Sequence[int]) -> list[int]:
     return sorted(set(int(L) for L in layers))
 
 
+def _forward_keeping(stack: Any, ids: Tensor, layers: Sequence[int]
+                     ) -> tuple[Tensor, Any, dict[int, Tensor]]:
+    """The uncompressed forward of ``ids``, keeping the activation after each split layer.
+
+    Returns (final hidden states, the stack's context, {layer: activation}); each codec then
+    reruns only the layers after its split from ``kept[L]``.
+    """
+    h, ctx = stack.start(ids)
+    kept: dict[int, Tensor] = {}
+    prev = 0
+    for L in layers:
+        h = stack.run(h, ctx, prev, L)
+        kept[L] = h
+        prev = L
+    return stack.run(h, ctx, prev, stack.num_layers), ctx, kept
+
+
 def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequence[CodecSetting],
              split_layers: Sequence[int] = (1,), limit: int | None = None,
              data_dir: Path | None = None, max_len: int | None = 2048,
@@ -122,14 +139,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
                 enc = encode_item(item, encode, prefix_id=eos, max_len=max_len)
                 ids, lengths = pad_batch(enc.sequences, pad_id)
                 rows, cols, toks, counts = _gather_targets(ids, lengths, enc.starts)
-                h, ctx = stack.start(ids)
-                kept: dict[int, Tensor] = {}
-                prev = 0
-                for L in layers:
-                    h = stack.run(h, ctx, prev, L)
-                    kept[L] = h
-                    prev = L
-                h = stack.run(h, ctx, prev, stack.num_layers)
+                h, ctx, kept = _forward_keeping(stack, ids, layers)
                 ref = ItemScore(_logliks(stack, h, rows, cols, toks, counts),
                                 list(enc.cont_bytes), item.label)
                 ref_tally.add(ref, ref)
@@ -230,14 +240,7 @@ def perplexity(model: Any, tokenizer: Any, path: Path, settings: Sequence[CodecS
             n_docs += 1
             ids = torch.tensor([ids_list])
             targets = ids[0, 1:]
-            h, ctx = stack.start(ids)
-            kept: dict[int, Tensor] = {}
-            prev = 0
-            for L in layers:
-                h = stack.run(h, ctx, prev, L)
-                kept[L] = h
-                prev = L
-            h = stack.run(h, ctx, prev, stack.num_layers)
+            h, ctx, kept = _forward_keeping(stack, ids, layers)
             ref_logits = stack.logits(h)[0, :-1]
             ref_top = ref_logits.argmax(-1)
             d_nll = float(-torch.log_softmax(ref_logits.double(), -1).gather(
