@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fc_edge.errors import ConfigError, FcEdgeError
+from fc_edge.errors import FcEdgeError
 
 # verb modules, imported lazily so `fc-edge --help` stays fast and a missing optional
 # dependency only breaks its own verb.
@@ -111,10 +111,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fc-edge {args.verb}: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
-
-
-def die_on_config(msg: str) -> None:
-    raise ConfigError(msg)
 
 
 if __name__ == "__main__":

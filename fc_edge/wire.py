@@ -132,11 +132,6 @@ def unpack(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
     return enc
 
 
-def packed_size(enc: Encoded) -> int:
-    """Bytes of ``pack(enc)``."""
-    return len(pack(enc))
-
-
 def _expect(n: int, pos: int, size: int, what: str) -> int:
     if pos + size > n:
         raise WireError(f"payload truncated: {n} bytes, {what} needs bytes {pos}..{pos + size}")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,18 +28,6 @@ from fc_edge.codecs.sparse import TopKCodec
 from fc_edge.codecs.spectral import FourierCodec
 from fc_edge.codecs.transform import RotatedCodec
 
-# Float tensors that carry the signal (not indices, scales or code streams), per codec: the
-# paper's element ratio counts these.
-_VALUE_TENSORS = {
-    "identity": ("x",),
-    "fourier": ("coefs",),
-    "topk": ("values",),
-    "svd": ("left", "right"),
-    "qr": ("left", "right"),
-    "quant": ("x", "codes"),
-    "rotated": ("codes",),
-}
-
 
 def roundtrip(codec: Codec, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Encode, pack, unpack and decode ``x``; returns (reconstruction on x's device, bytes)."""
@@ -50,29 +39,8 @@ def roundtrip(codec: Codec, x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def element_ratio(enc: Encoded) -> float:
-    """The paper's ratio: activation elements / transmitted values (indices and scales free).
-
-    Quantized codes count as one value each.
-    """
-    D = enc.shape[-1]
-    n = 0
-    for name in _VALUE_TENSORS.get(enc.codec, ()):
-        if name in enc.tensors:
-            n += enc.tensors[name].numel()
-    if enc.codec == "quant" and "codes" in enc.tensors:
-        n = enc.tensors["scales"].shape[0] * D
-    if enc.codec == "rotated":
-        n = enc.tensors["scales"].shape[0] * enc.params["keep"]
-    if enc.codec == "fourier":
-        n = enc.tensors["coefs"].numel()  # real and imaginary parts are two values
-    return enc_numel(enc) / max(n, 1)
-
-
-def enc_numel(enc: Encoded) -> int:
-    n = 1
-    for d in enc.shape:
-        n *= d
-    return n
+    """The paper's ratio: activation elements / transmitted values (indices and scales free)."""
+    return math.prod(enc.shape) / max(codec_class(enc.codec).values_sent(enc), 1)
 
 
 @dataclass

@@ -166,6 +166,16 @@ class Codec(ABC):
         """
 
     @classmethod
+    def values_sent(cls, enc: Encoded) -> int:
+        """Signal values the payload carries (the paper's element ratio counts these): every
+        float tensor but the scales; a complex coefficient counts as two."""
+        return sum(
+            t.numel()
+            for name, t in enc.tensors.items()
+            if t.is_floating_point() and name not in ("scale", "scales")
+        )
+
+    @classmethod
     def validate_payload(cls, enc: Encoded) -> None:
         """Check tensor *contents* a decoder relies on (e.g. index ranges); raise WireError."""
 

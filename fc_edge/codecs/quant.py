@@ -27,7 +27,6 @@ from fc_edge.codecs.base import (
     TensorSpec,
     check_activation,
     check_ratio,
-    header_bytes,
     register,
     restore,
     too_small,
@@ -241,6 +240,12 @@ class QuantCodec(Codec):
         ]
 
     @classmethod
+    def values_sent(cls, enc: Encoded) -> int:
+        if enc.params["bits"] == 16:
+            return super().values_sent(enc)
+        return math.prod(enc.shape)  # one code per value
+
+    @classmethod
     def validate_payload(cls, enc: Encoded) -> None:
         bits = enc.params["bits"]
         if bits < 8:
@@ -259,13 +264,3 @@ ALIASES.update(
         "int4": ("quant", {"bits": 4, "group_size": 64}),
     }
 )
-
-__all__ = [
-    "IdentityCodec",
-    "QuantCodec",
-    "pack_bits",
-    "unpack_bits",
-    "quantize_groups",
-    "dequantize_groups",
-    "header_bytes",
-]

@@ -189,12 +189,3 @@ class FourierCodec(Codec):
             TensorSpec("coefs", wdt, (B, n_block_rows(S, k_s), k_d, 2)),
             TensorSpec("scale", "f4", (B,)),
         ]
-
-
-def kept_mask(S: int, D: int, k_s: int, k_d: int) -> torch.Tensor:
-    """``(S, D)`` bool mask of the kept frequencies in the *full* 2-D spectrum (both halves)."""
-    rows = torch.zeros(S, dtype=torch.bool)
-    rows[block_rows(S, k_s)] = True
-    v = torch.arange(D)
-    cols = (v < k_d) | ((D - v) % D < k_d)
-    return rows[:, None] & cols[None, :]

@@ -193,8 +193,10 @@ def register_channel_weights(weights: torch.Tensor) -> int:
     key = (zlib.crc32(w16.to(torch.float16).numpy().tobytes()) & 0x3FFF) or 1
     known = _CHANNEL_WEIGHTS.get(key)
     if known is not None and not torch.equal(known, w16):
-        raise ConfigError(f"two different channel-weight vectors share id {key}; "
-                          "bind fewer models or split layers in one process")
+        raise ConfigError(
+            f"two different channel-weight vectors share id {key}; "
+            "bind fewer models or split layers in one process"
+        )
     _CHANNEL_WEIGHTS[key] = w16
     return key
 
@@ -338,6 +340,7 @@ class RotatedCodec(Codec):
         len_dtype = _length_wire_dtype(base["keep"])
         fixed = 2 * N + WIRE_DTYPES[len_dtype][0] * (N - 1)  # sigmas + row lengths
 
+        @functools.cache  # the search and the final encode share each step's quantization
         def size_at(step: int) -> tuple[int, np.ndarray, np.ndarray]:
             symbols, sigma = entropy.quantize(coefs, step)
             code = int(entropy.row_bytes(symbols, step).sum())
@@ -475,6 +478,10 @@ class RotatedCodec(Codec):
             TensorSpec("codes", "u1", (code_bytes,)),
             TensorSpec("scales", "f2", (N, n_groups(keep, params["group_size"]))),
         ]
+
+    @classmethod
+    def values_sent(cls, enc: Encoded) -> int:
+        return cls._n_rows(enc) * enc.params["keep"]  # one code per kept coefficient
 
     @classmethod
     def validate_payload(cls, enc: Encoded) -> None:

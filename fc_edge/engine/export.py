@@ -113,7 +113,7 @@ def export_engine(
     Verification runs a ``verify_len``-token prefill and ``verify_steps`` decode steps.
     """
     from fc_edge.models.pretrained import load_model, model_fingerprint
-    from fc_edge.models.split import split
+    from fc_edge.models.split import channel_weights, split
 
     if exporter not in ("dynamo", "torchscript"):
         raise ConfigError(f"exporter must be dynamo or torchscript, got {exporter!r}")
@@ -130,7 +130,6 @@ def export_engine(
     model_spec = model_spec or getattr(model.config, "name_or_path", "") or "model"
     head, _ = split(model, layer=split_layer)
     head = head.float().eval()
-    from fc_edge.models.split import channel_weights
 
     fingerprint = model_fingerprint(model)
     seconds["load"] = time.perf_counter() - t0

@@ -299,3 +299,19 @@ def test_rotated_shaped_payload_needs_the_same_weights():
     with pytest.raises(ConfigError):
         get_codec("rotated").bind(torch.zeros(96))
     assert get_codec("rotated", shaping="none").bind(w).weights_id == 0
+
+
+def test_element_ratio_counts_signal_values_only():
+    """The paper's ratio: elements / values sent, with indices, scales and headers free."""
+    from fc_edge.codecs import element_ratio
+
+    x = smooth((16, 64))
+    n = x.numel()
+    assert element_ratio(get_codec("identity").encode(x)) == 1
+    assert element_ratio(get_codec("topk", k=32).encode(x)) == n / 32
+    assert element_ratio(get_codec("svd", rank=2).encode(x)) == n / (2 * (16 + 64))
+    # k_s=2 keeps rows 0, 1, 15 (R = 3); k_d=5 columns; real and imaginary parts
+    assert element_ratio(get_codec("fourier", k_s=2, k_d=5).encode(x)) == n / (3 * 5 * 2)
+    assert element_ratio(get_codec("int8").encode(x)) == 1
+    assert element_ratio(get_codec("fp16").encode(x)) == 1
+    assert element_ratio(get_codec("rotated", keep=16, bits=8).encode(x)) == 64 / 16
