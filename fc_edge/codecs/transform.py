@@ -23,9 +23,9 @@ Two quantizers:
 Noise shaping (``shaping="auto"``, default): once bound to a model (:meth:`RotatedCodec.bind`,
 ``fc_edge.models.split.bind_codec``), rows are coded as ``x * w`` and rebuilt as ``y / w`` with
 ``w`` the RMS of the RMSNorm gains of the layers after the split, so the error lands where later
-layers attenuate it. On SmolLM2 (split after layer 1, 4 bits per element) this took the
-perplexity change from +2.0% / +1.1% to +0.3% / +0.7% on two sets of 40 documents. Unbound, or
-with ``shaping="none"``, rows are coded as they are.
+layers attenuate it. On SmolLM2 (split after layer 1, 4 bits per element, one message per token)
+this took the perplexity change from +2.27% to +0.72% on 40 documents (docs/results.md, §7).
+Unbound, or with ``shaping="none"``, rows are coded as they are.
 
 Optional truncation keeps only the first ``keep`` coefficients per row (the low frequencies, for
 the DCT), meeting ``fourier`` half-way. Every row is coded on its own, so decode steps see exactly

@@ -47,9 +47,7 @@ def _value(text: str) -> Any:
             return conv(text)
         except ValueError:
             pass
-    if text.lower() in ("none", "null"):
-        return None
-    return text
+    return text  # "none" stays a string: codecs take it literally (e.g. shaping=none)
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:

@@ -51,3 +51,11 @@ def test_merge_accuracy_recomputes_means():
     m = merge_accuracy([part("a", 0.5), part("b", 1.0)])
     assert m["tasks"] == ["a", "b"]
     assert m["results"]["1"]["none"]["mean"]["acc"] == 0.75
+
+
+def test_spec_values_named_none_reach_the_codec():
+    """`shaping=none` must turn shaping off, not fall back to the default `auto`."""
+    from fc_edge.eval.settings import build_settings
+
+    (s,) = build_settings("rotated[shaping=none]")
+    assert s.codec.shaping == "none"
