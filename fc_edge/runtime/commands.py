@@ -44,7 +44,15 @@ def add_parser(subparsers: Any) -> None:
     _add_split_arg(g)
     g.add_argument("--engine", default=None,
                    help="run the head from an exported engine folder (see `fc-edge export`)")
-    g.add_argument("--server", required=True, help="HOST:PORT of `fc-edge serve`")
+    g.add_argument("--server", required=True,
+                   help="HOST:PORT of `fc-edge serve`; several as A,B,C spread sessions and "
+                   "recover onto each other; or one gRPC target (dns:///NAME:PORT)")
+    g.add_argument("--max-recoveries", type=int, default=3,
+                   help="sessions lost to a dead server that are resumed on the next one by "
+                   "replaying the tokens so far (0: fail at once)")
+    g.add_argument("--lb-policy", choices=("pick_first", "round_robin"), default=None,
+                   help="gRPC load balancing of each target (round_robin: over all the "
+                   "addresses a DNS name resolves to)")
     g.add_argument("--prompt", required=True, help="prompt text (tokenized as is)")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -147,7 +155,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with DeviceClient(args.server, (model, tokenizer), args.split_layer, codec,
                       token=args.token, tls_ca=args.tls_ca,
                       tls_server_name=args.tls_server_name, head=head,
-                      fingerprint=fingerprint) as client:
+                      fingerprint=fingerprint, max_recoveries=args.max_recoveries,
+                      lb_policy=args.lb_policy) as client:
         result = client.generate(args.prompt, args.max_new_tokens, sampling=sampling,
                                  chat=args.chat)
     print(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
@@ -156,7 +165,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"\n{len(result.token_ids)} tokens, time to first token {result.ttft_s * 1e3:.1f} ms, "
           f"time per output token {result.tpot_s * 1e3:.2f} ms (median), "
           f"{result.bytes_up} bytes up, {result.bytes_down} bytes down, "
-          f"session {result.session_id}")
+          f"session {result.session_id}"
+          + (f", {result.recoveries} recovered" if result.recoveries else ""))
     return 0
 
 

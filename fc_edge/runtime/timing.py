@@ -78,7 +78,7 @@ class StepTiming:
     for the payload (the session codec, or the fallback for a shape it refuses).
     """
 
-    phase: str  # "prefill" | "decode"
+    phase: str  # "prefill" | "decode" | "recovered" (a replay on a new server, see client.py)
     rows: int  # S sent
     codec: str
     device_compute_s: float
@@ -134,9 +134,14 @@ class GenerationResult:
 
     @property
     def ttft_s(self) -> float:
-        """Time to first token: the prefill step's wall time (seconds)."""
-        p = self.prefill
-        return p.total_s if p else float("nan")
+        """Time to first token: the first step's wall time (seconds), a prefill or, when the
+        first server was lost before its first token, the recovered replay."""
+        return self.steps[0].total_s if self.steps else float("nan")
+
+    @property
+    def recoveries(self) -> int:
+        """Sessions lost to a dead server and resumed on another (``recovered`` steps)."""
+        return sum(s.phase == "recovered" for s in self.steps)
 
     @property
     def tpot_s(self) -> float:
@@ -201,7 +206,7 @@ def ms(seconds: float) -> str:
 def stage_table(result: GenerationResult) -> str:
     """Per-stage latency (ms, medians) and bytes for the prefill and the decode steps."""
     rows = []
-    for phase in ("prefill", "decode"):
+    for phase in ("prefill", "decode", "recovered"):
         steps = [s for s in result.steps if s.phase == phase]
         if not steps:
             continue
