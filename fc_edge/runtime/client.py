@@ -66,8 +66,10 @@ DEFAULT_MAX_RECOVERIES = 3
 LB_POLICIES = ("pick_first", "round_robin")
 # gRPC target schemes whose target may itself name several addresses (kept whole, not split)
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
-# what a stream reset by a dying peer looks like when it is not reported as UNAVAILABLE
-_RESET_MARKS = ("RST_STREAM", "Stream removed", "Socket closed", "Connection reset")
+# what a server that went away looks like when it is not reported as UNAVAILABLE: a stream reset
+# by a dying peer, or Ray Serve's gRPC proxy reporting that the replica's actor died (INTERNAL)
+_GONE_MARKS = ("RST_STREAM", "Stream removed", "Socket closed", "Connection reset",
+               "actor died unexpectedly", "The actor is dead")
 
 
 def _rpc_error(e: grpc.RpcError) -> SessionError:
@@ -100,7 +102,7 @@ def _recoverable(e: grpc.RpcError) -> bool:
         return True
     details = (e.details() if hasattr(e, "details") else "") or ""
     return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) \
-        and any(mark in details for mark in _RESET_MARKS)
+        and any(mark in details for mark in _GONE_MARKS)
 
 
 class _Lost(Exception):
@@ -311,11 +313,11 @@ class DeviceClient:
         sampling: SamplingConfig | None = None,
         eos_token_id: Any = _USE_MODEL,
         chat: bool = False,
-        on_token: Callable[[int, int], None] | None = None,
+        on_token: Callable[[int, int, str], None] | None = None,
     ) -> GenerationResult:
         """Generate up to ``max_new_tokens`` after ``prompt`` (text or ids), stopping after an
-        EOS token (the model's by default; ``None`` or ``[]`` for none). ``on_token(i, id)`` is
-        called as the ``i``-th token arrives.
+        EOS token (the model's by default; ``None`` or ``[]`` for none). ``on_token(i, id,
+        session_id)`` is called as the ``i``-th token arrives.
 
         The session opens on the next server of the list. If that server goes away before the
         last token (UNAVAILABLE, a reset stream), a new session opens on the next server and the
@@ -369,7 +371,7 @@ class DeviceClient:
     def _session(self, server: int, ids: Tensor, max_new_tokens: int,
                  sampling: SamplingConfig, eos: list[int], tokens: list[int],
                  steps: list[StepTiming], lost_at: float | None,
-                 on_token: Callable[[int, int], None] | None) -> str:
+                 on_token: Callable[[int, int, str], None] | None) -> str:
         """Run one session on ``self.servers[server]`` until the generation is complete,
         appending to ``tokens`` and ``steps``; returns its session id. With tokens already
         generated (a recovery) its first step replays prompt + tokens. Raises :class:`_Lost`
@@ -427,7 +429,7 @@ class DeviceClient:
                     server_compute_s=srv.compute_s, bytes_up=len(payload),
                     bytes_down=frame.ByteSize(), total_s=t_recv - t_start, token_id=int(tok.id)))
                 if on_token is not None:
-                    on_token(len(tokens) - 1, int(tok.id))
+                    on_token(len(tokens) - 1, int(tok.id), session_id)
                 if tok.done:
                     break
                 step_ids = torch.tensor([int(tok.id)], dtype=torch.long)

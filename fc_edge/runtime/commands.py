@@ -35,6 +35,9 @@ def add_parser(subparsers: Any) -> None:
                    help="largest activation frame accepted, bytes")
     p.add_argument("--idle-timeout", type=float, default=60.0,
                    help="close a session silent for this many seconds")
+    from fc_edge.runtime.fleet import add_fleet_args
+
+    add_fleet_args(p)
     p.set_defaults(func=cmd_serve)
 
     g = subparsers.add_parser(
@@ -104,8 +107,11 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from fc_edge.runtime.fleet import cmd_serve_fleet, wants_fleet
     from fc_edge.runtime.server import start_server
 
+    if wants_fleet(args):
+        return cmd_serve_fleet(args)
     handle = start_server(
         args.model, args.split_layer, host=args.host, port=args.port, token=args.token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, max_sessions=args.max_sessions,

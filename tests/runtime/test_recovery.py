@@ -85,7 +85,7 @@ def test_sigkilled_server_recovers_with_same_tokens(tiny_llama, expected):
                              first_server=0) as client:
             seen: list[int] = []
 
-            def kill_after_six(i: int, token: int) -> None:
+            def kill_after_six(i: int, token: int, session: str) -> None:
                 seen.append(token)
                 if i == 5:
                     assert alive.active_sessions() == 0  # the session is on the doomed server
@@ -111,7 +111,7 @@ def test_stopped_server_recovers_and_uninterrupted_run_agrees(tiny_llama, expect
     with start_server(tiny_llama, LAYER, port=0) as b, \
             DeviceClient([a.address, b.address], tiny_llama, LAYER, "identity",
                          first_server=0) as client:
-        def stop_a(i: int, token: int) -> None:
+        def stop_a(i: int, token: int, session: str) -> None:
             if i == 10:
                 a.stop(0)  # cancels the open stream at once
 
@@ -130,7 +130,7 @@ def test_sessions_go_round_the_list(tiny_llama, expected):
                          first_server=1) as client:
         where: list[str] = []
 
-        def note(i: int, token: int) -> None:
+        def note(i: int, token: int, session: str) -> None:
             if i == 0:
                 where.append("a" if a.active_sessions() else "b")
 
@@ -148,7 +148,7 @@ def test_round_robin_target_spreads_and_recovers(tiny_llama, expected):
                          "identity", lb_policy="round_robin") as client:
         used: set[str] = set()
 
-        def note(i: int, token: int) -> None:
+        def note(i: int, token: int, session: str) -> None:
             if i == 0:
                 used.update(n for n, h in (("a", a), ("b", b)) if h.active_sessions())
 
@@ -156,7 +156,7 @@ def test_round_robin_target_spreads_and_recovers(tiny_llama, expected):
             client.generate(PROMPT, 2, eos_token_id=None, on_token=note)
         assert used == {"a", "b"}
 
-        def stop_serving_one(i: int, token: int) -> None:
+        def stop_serving_one(i: int, token: int, session: str) -> None:
             if i == 3:
                 (a if a.active_sessions() else b).stop(0)
 
