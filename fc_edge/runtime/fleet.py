@@ -308,10 +308,31 @@ def start_fleet(
         first = str(e).strip().splitlines()
         raise ConfigError(f"the fleet did not start: {type(e).__name__}: "
                           f"{first[-1] if first else e}") from None
+    port = _proxy_port(ray, port)
     handle = FleetHandle(address=f"127.0.0.1:{port}", own_ray=own_ray)
     if initial:
         handle.wait_ready(initial)
     return handle
+
+
+def _proxy_port(ray: Any, asked: int) -> int:
+    """The port of the running gRPC proxy: a Serve instance that was already running (a
+    cluster's) keeps the options it was started with; it must route fc-edge's service."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        controller = _get_global_client()._controller
+        config = ray.get(controller.get_grpc_config.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - a private API of Ray: trust the options given
+        return asked
+    if SERVICER_FUNCTION not in list(config.grpc_servicer_functions):
+        raise ConfigError(f"Ray Serve on this cluster runs its gRPC proxy without "
+                          f"{SERVICER_FUNCTION}: add it to grpcOptions.grpcServicerFunctions "
+                          "(docs/deploy.md)")
+    if int(config.port) != asked:
+        log.warning("Ray Serve's gRPC proxy already listens on port %d (not %d)",
+                    config.port, asked)
+    return int(config.port)
 
 
 def _free_port() -> int:
