@@ -85,6 +85,8 @@ class DeviceClient:
         fingerprint: str | None = None,
         tls_server_name: str | None = None,
         timeout_s: float | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         model = model_spec_or_model
         if isinstance(model, (str, Path)):
@@ -110,6 +112,14 @@ class DeviceClient:
             from fc_edge.models.split import split
 
             head, _ = split(model, layer=split_layer)
+            if device is not None or dtype is not None:
+                from fc_edge.devices import resolve_device, resolve_dtype
+
+                place = resolve_device(device)
+                head = head.to_device(place, resolve_dtype(dtype, place))
+        elif device is not None or dtype is not None:
+            raise ConfigError("device= and dtype= place a head built from the model; an engine "
+                              "head runs where it was built")
         self.head: HeadRunner = head
         if fingerprint is None:
             from fc_edge.models.pretrained import model_fingerprint
