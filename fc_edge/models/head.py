@@ -26,8 +26,8 @@ Two ways to run it, one set of layers:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch

@@ -197,9 +197,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # --- demo -------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from fc_edge.codecs import get_codec
-    from fc_edge.models.pretrained import load_model
-
     from fc_edge.devices import resolve_device, resolve_dtype
+    from fc_edge.models.pretrained import load_model
 
     _check_tokens(args.max_new_tokens)
     resolve_dtype(args.dtype, resolve_device(args.device))  # fail before loading anything
