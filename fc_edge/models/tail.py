@@ -161,11 +161,11 @@ class Tail(nn.Module):
         for i in range(layer, n):
             for name, t in base.layers[i].state_dict().items():
                 state[f"layers.{i - layer}.{name}"] = t
+        # detach: new tensors over the same storage (a no-op .to keeps it), so converting or
+        # moving the tail never touches the model's own parameters
+        state = {k: v.detach().to(device=device, dtype=dtype) for k, v in state.items()}
         tail.load_state_dict(state, strict=True, assign=True)
-        tail.inv_freq = rope_inv_freq(cfg).to(model.lm_head.weight.device)
-        if device is not None or dtype is not None:
-            tail = tail.to(device=device, dtype=dtype)
-            tail.inv_freq = rope_inv_freq(cfg).to(tail.device)  # rotary stays float32
+        tail.inv_freq = rope_inv_freq(cfg).to(state["lm_head.weight"].device)  # float32
         return tail.eval()
 
     @property

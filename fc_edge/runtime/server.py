@@ -208,8 +208,13 @@ class EdgeService:
             raise SessionAbort(grpc.StatusCode.UNAUTHENTICATED,
                                "missing or wrong bearer token (give the server's --token)")
 
-    def info(self, metadata: Sequence[tuple[str, str]] | None = None) -> Any:
+    def info(self, metadata: Sequence[tuple[str, str]] | None) -> Any:
+        """The ``Info`` RPC: :meth:`status` for a caller whose ``metadata`` carries the token."""
         self.authorize(metadata)
+        return self.status()
+
+    def status(self) -> Any:
+        """``ServerInfo``: what is served, the limits, and the load right now."""
         stats = self.engine.stats()
         return pb2.ServerInfo(
             model_fingerprint=self.fingerprint, split_layer=self.split_layer,
