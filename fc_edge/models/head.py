@@ -26,6 +26,7 @@ Two ways to run it, one set of layers:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +158,43 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+#: Stores a layer's new keys and values (B, n_kv, S, hd) and returns the (B, n_kv, T, hd) slots
+#: to attend over.
+KVUpdate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def concat_kv(past_k: Tensor, past_v: Tensor) -> KVUpdate:
+    """The export form: the T past positions in ``past_*`` (B, n_kv, T, hd), then the new ones."""
+    return lambda k, v: (torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2))
+
+
+def static_kv(buf_k: Tensor, buf_v: Tensor, write_at: int) -> KVUpdate:
+    """The gpt-fast form: write slots write_at.. of the session's buffers (B, n_kv, max, hd) in
+    place and attend over the first write_at + S."""
+
+    def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = write_at + k.shape[2]
+        buf_k[:, :, write_at:end] = k
+        buf_v[:, :, write_at:end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    return update
+
+
+def attention_masks(
+    position_ids: Tensor, n_slots: int, windows: tuple[int | None, ...]
+) -> dict[int | None, Tensor]:
+    """(B, 1, S, n_slots) bool for each distinct window in ``windows``: slot ``j`` holds position
+    ``j``; a query at position p sees the slots j <= p (and j > p - W in a sliding window)."""
+    slots = torch.arange(n_slots, device=position_ids.device)[None, None, :]
+    pos = position_ids[:, :, None]
+    causal = (slots <= pos)[:, None]
+    return {
+        w: causal if w is None else causal & (slots > pos - w)[:, None]
+        for w in dict.fromkeys(windows)
+    }
+
+
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), the mean taken in float32."""
 
@@ -189,34 +227,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.output_bias)
 
     def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        visible: Tensor,
-        past_k: Tensor,
-        past_v: Tensor,
-        write_at: int | None = None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, visible: Tensor, kv: KVUpdate
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, S, D); visible (B, 1, S, T+S) bool -> out (B, S, D) and the keys, values (T+S).
+        """x (B, S, D); visible (B, 1, S, T) bool -> out (B, S, D) and the keys, values (T).
 
-        ``write_at=None`` (the export form): past_* (B, n_kv, T, hd) hold T positions and the new
-        ones are concatenated. ``write_at=T`` (the static form): past_* are the session's
-        buffers, the new keys and values are written into slots T..T+S-1 in place and the
-        first T+S slots are attended over.
+        ``kv`` stores the new keys and values (B, n_kv, S, hd) in the caller's cache and returns
+        the T slots to attend over (see :func:`concat_kv`, :func:`static_kv`; the server's tail
+        passes a paged one).
         """
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if write_at is None:
-            k_all = torch.cat((past_k, k), dim=2)
-            v_all = torch.cat((past_v, v), dim=2)
-        else:
-            past_k[:, :, write_at : write_at + s] = k
-            past_v[:, :, write_at : write_at + s] = v
-            k_all, v_all = past_k[:, :, : write_at + s], past_v[:, :, : write_at + s]
+        k_all, v_all = kv(k, v)
         out = self.attend(q, k_all, v_all, visible)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k_all, v_all
 
@@ -256,18 +280,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        visible: Tensor,
-        past_k: Tensor,
-        past_v: Tensor,
-        write_at: int | None = None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, visible: Tensor, kv: KVUpdate
     ) -> tuple[Tensor, Tensor, Tensor]:
-        a, k, v = self.self_attn(
-            self.input_layernorm(x), cos, sin, visible, past_k, past_v, write_at
-        )
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, visible, kv)
         h = x + a
         return h + self.mlp(self.post_attention_layernorm(h)), k, v
 
@@ -306,6 +321,13 @@ class Head(nn.Module):
                 state[f"layers.{i}.{name}"] = t
         head.load_state_dict(state, strict=True)
         return head.eval()
+
+    def to_device(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Head:
+        """Move the weights (and convert them to ``dtype``); the rotary frequencies stay
+        float32, as in transformers. Returns ``self``."""
+        self.to(device=device, dtype=dtype)
+        self.inv_freq = rope_inv_freq(self.head_config).to(device)
+        return self
 
     @property
     def layer(self) -> int:
@@ -360,18 +382,16 @@ class Head(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(self.inv_freq, position_ids, x.dtype)
         n_past = past_k.shape[3] if write_at is None else write_at
-        slots = torch.arange(n_past + input_ids.shape[1], device=input_ids.device)
-        causal = (slots[None, None, :] <= position_ids[:, :, None])[:, None]  # (B, 1, S, T+S)
         windows = self.head_config.sliding_windows or (None,) * len(self.layers)
-        visible = {
-            w: causal
-            if w is None
-            else causal & (slots[None, None, :] > position_ids[:, :, None] - w)[:, None]
-            for w in dict.fromkeys(windows)
-        }
+        visible = attention_masks(position_ids, n_past + input_ids.shape[1], windows)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, visible[windows[i]], past_k[i], past_v[i], write_at)
+            kv = (
+                concat_kv(past_k[i], past_v[i])
+                if write_at is None
+                else static_kv(past_k[i], past_v[i], write_at)
+            )
+            x, k, v = layer(x, cos, sin, visible[windows[i]], kv)
             keys.append(k)
             values.append(v)
         return x.float(), keys, values

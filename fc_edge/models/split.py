@@ -5,7 +5,7 @@
     head, tail = split(model, layer=L)
     hs = head.start(max_seq_len)      # device session: static KV cache + position
     a = hs.step(input_ids)            # (S,) long -> (S, D) float32 activation
-    ts = tail.start()                 # server session: Hugging Face cache + position
+    ts = tail.start()                 # server session: paged KV cache + position
     logits = ts.step(a)               # (S, D) -> (S, V) float32
 """
 
@@ -45,12 +45,13 @@ def check_split(model: Any, layer: int) -> None:
 
 def split(model: Any, layer: int) -> tuple[Head, Tail]:
     """The head (embedding + layers[:layer], our own modules with copied weights) and the tail
-    (layers[layer:] + norm + lm_head of ``model`` itself) of a Llama or Qwen2 causal LM.
+    (layers[layer:] + norm + lm_head, our own modules over ``model``'s weight tensors) of a Llama
+    or Qwen2 causal LM.
 
     Raises as :func:`check_split` does.
     """
     check_split(model, layer)
-    return Head.from_hf(model, layer), Tail(model, layer)
+    return Head.from_hf(model, layer), Tail.from_hf(model, layer)
 
 
 def channel_weights(model, layer: int) -> torch.Tensor:

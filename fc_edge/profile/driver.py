@@ -241,7 +241,7 @@ def _serve(argv: Sequence[str]) -> None:
 
     handle = start_server(a.model, split_layer=a.split_layer, host=a.host, port=0,
                           max_sessions=a.max_sessions, idle_timeout_s=600.0)
-    print(f"listening {handle.port} {handle.servicer.split_layer}", flush=True)
+    print(f"listening {handle.port} {handle.split_layer}", flush=True)
     try:
         handle.wait()
     except KeyboardInterrupt:

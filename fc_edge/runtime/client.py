@@ -144,6 +144,8 @@ class DeviceClient:
         fingerprint: str | None = None,
         tls_server_name: str | None = None,
         timeout_s: float | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
         max_recoveries: int = DEFAULT_MAX_RECOVERIES,
         lb_policy: str | None = None,
         first_server: int | None = None,
@@ -180,6 +182,14 @@ class DeviceClient:
             from fc_edge.models.split import split
 
             head, _ = split(model, layer=split_layer)
+            if device is not None or dtype is not None:
+                from fc_edge.devices import resolve_device, resolve_dtype
+
+                place = resolve_device(device)
+                head = head.to_device(place, resolve_dtype(dtype, place))
+        elif device is not None or dtype is not None:
+            raise ConfigError("device= and dtype= place a head built from the model; an engine "
+                              "head runs where it was built")
         self.head: HeadRunner = head
         if fingerprint is None:
             from fc_edge.models.pretrained import model_fingerprint

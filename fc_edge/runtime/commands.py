@@ -29,12 +29,29 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--token", default=os.environ.get("FC_EDGE_TOKEN"),
                    help="require this bearer token (default: $FC_EDGE_TOKEN)")
+    _add_device_args(p, "the tail")
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions")
     p.add_argument("--max-seq-len", type=int, default=4096, help="positions per session")
-    p.add_argument("--max-payload-bytes", type=int, default=64 * 1024 * 1024,
-                   help="largest activation frame accepted, bytes")
+    p.add_argument("--max-payload-bytes", type=int, default=None,
+                   help="largest activation frame accepted, bytes (default: a whole "
+                   "--max-seq-len prefill as float32 + 4 KiB)")
     p.add_argument("--idle-timeout", type=float, default=60.0,
                    help="close a session silent for this many seconds")
+    p.add_argument("--open-timeout", type=float, default=10.0,
+                   help="close a stream that sends no valid Open within this many seconds")
+    p.add_argument("--max-streams", type=int, default=256,
+                   help="open Generate streams at most (more are refused at once)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="decode steps per batched forward (1: one at a time)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prefill rows per engine iteration, over all sessions")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="positions of the paged KV cache (default: max sessions x max seq len)")
+    p.add_argument("--drain-s", type=float, default=10.0,
+                   help="on SIGTERM / Ctrl-C, let open sessions finish this long, then end them")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="session open / close / abort lines go to stderr at INFO")
     from fc_edge.runtime.fleet import add_fleet_args
 
     add_fleet_args(p)
@@ -50,6 +67,7 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--server", required=True,
                    help="HOST:PORT of `fc-edge serve`; several as A,B,C spread sessions and "
                    "recover onto each other; or one gRPC target (dns:///NAME:PORT)")
+    _add_device_args(g, "the head")
     g.add_argument("--max-recoveries", type=int, default=3,
                    help="sessions lost to a dead server that are resumed on the next one by "
                    "replaying the tokens so far (0: fail at once)")
@@ -73,6 +91,7 @@ def add_parser(subparsers: Any) -> None:
         "print each text and one comparison table.")
     add_model_args(d)
     _add_split_arg(d)
+    _add_device_args(d, "the head and the tail")
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the model's chat template when it has one (default: yes)")
@@ -85,7 +104,13 @@ def add_parser(subparsers: Any) -> None:
 
 def _add_split_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-layer", type=int, default=None,
-                   help="L: the device runs layers[:L] (default: a quarter of the layers)")
+                   help="L: the device runs layers[:L] (default: 1)")
+
+
+def _add_device_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", default="cpu", help=f"where {what} runs: cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help=f"precision of {what}")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -107,29 +132,38 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     from fc_edge.runtime.fleet import cmd_serve_fleet, wants_fleet
     from fc_edge.runtime.server import start_server
 
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
     if wants_fleet(args):
         return cmd_serve_fleet(args)
     handle = start_server(
         args.model, args.split_layer, host=args.host, port=args.port, token=args.token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, max_sessions=args.max_sessions,
         max_seq_len=args.max_seq_len, max_payload_bytes=args.max_payload_bytes,
-        idle_timeout_s=args.idle_timeout)
+        idle_timeout_s=args.idle_timeout, open_timeout_s=args.open_timeout,
+        max_streams=args.max_streams, device=args.device, dtype=args.dtype,
+        max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+        kv_cache_tokens=args.kv_cache_tokens)
     extras = [x for x, on in (("TLS", handle.tls), ("token required", args.token)) if on]
-    print(f"fc-edge serve: {args.model} split at layer {handle.servicer.split_layer} "
-          f"(fingerprint {handle.fingerprint}) on {handle.address}"
-          + (f" [{', '.join(extras)}]" if extras else ""), flush=True)
+    print(f"fc-edge serve: {args.model} split at layer {handle.split_layer} "
+          f"(fingerprint {handle.fingerprint}) on {handle.address} "
+          f"[{handle.service.device}, {args.dtype}, max batch {args.max_batch}"
+          + (f", {', '.join(extras)}" if extras else "") + "]", flush=True)
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM (docker stop, systemd) stops as Ctrl-C does: refuse new sessions, let open
-        # ones finish for up to 2 s
+        # SIGTERM (docker stop, systemd, Kubernetes) drains as Ctrl-C does: health turns
+        # NOT_SERVING, no new sessions, open ones finish for up to --drain-s
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         handle.wait()
     except KeyboardInterrupt:
-        print("fc-edge serve: stopping", flush=True)
-        handle.stop(grace=2.0)
+        print(f"fc-edge serve: stopping (draining open sessions for up to {args.drain_s:g} s)",
+              flush=True)
+        handle.stop(drain_s=args.drain_s)
     return 0
 
 
@@ -161,8 +195,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with DeviceClient(args.server, (model, tokenizer), args.split_layer, codec,
                       token=args.token, tls_ca=args.tls_ca,
                       tls_server_name=args.tls_server_name, head=head,
-                      fingerprint=fingerprint, max_recoveries=args.max_recoveries,
-                      lb_policy=args.lb_policy) as client:
+                      fingerprint=fingerprint, device=args.device, dtype=args.dtype,
+                      max_recoveries=args.max_recoveries, lb_policy=args.lb_policy) as client:
         result = client.generate(args.prompt, args.max_new_tokens, sampling=sampling,
                                  chat=args.chat)
     print(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
@@ -179,9 +213,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # --- demo -------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from fc_edge.codecs import get_codec
+    from fc_edge.devices import resolve_device, resolve_dtype
     from fc_edge.models.pretrained import load_model
 
     _check_tokens(args.max_new_tokens)
+    resolve_dtype(args.dtype, resolve_device(args.device))  # fail before loading anything
     names = [c.strip() for c in args.codecs.split(",") if c.strip()]
     if not names:
         raise ConfigError("--codecs is empty: give codec names, e.g. identity,fourier")
@@ -191,15 +227,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
     results = run_demo(model, tokenizer, names, args.prompt, args.max_new_tokens,
-                       split_layer=args.split_layer, chat=args.chat)
+                       split_layer=args.split_layer, chat=args.chat, device=args.device,
+                       dtype=args.dtype)
     print(demo_table(results, model.config.hidden_size))
     return 0
 
 
 def run_demo(model: Any, tokenizer: Any, codecs: list[str], prompt: str | list[int],
              max_new_tokens: int, split_layer: int | None = None, chat: bool = True,
-             echo: bool = True) -> dict[str, Any]:
-    """Serve ``model`` on loopback and generate ``prompt`` once per codec.
+             echo: bool = True, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+    """Serve ``model`` on loopback and generate ``prompt`` once per codec, head and tail on
+    ``device`` in ``dtype``.
 
     Returns ``{codec name: GenerationResult}`` in the order given.
     """
@@ -210,7 +248,8 @@ def run_demo(model: Any, tokenizer: Any, codecs: list[str], prompt: str | list[i
     chat = chat and isinstance(prompt, str) and tokenizer is not None \
         and bool(getattr(tokenizer, "chat_template", None))
     results: dict[str, Any] = {}
-    with start_server(model, layer, host="127.0.0.1", port=0) as handle:
+    on = {"device": device, "dtype": dtype}
+    with start_server(model, layer, host="127.0.0.1", port=0, **on) as handle:
         if echo:
             n = model.config.num_hidden_layers
             print(f"server on {handle.address}: layers {layer}..{n - 1} (tail); "
@@ -218,10 +257,10 @@ def run_demo(model: Any, tokenizer: Any, codecs: list[str], prompt: str | list[i
             print(f"prompt{' (chat template)' if chat else ''}: {prompt!r}\n")
         # one untimed generation first: the first forward pays one-off costs (allocator,
         # kernel selection) that would otherwise land in the first codec's prefill time
-        with DeviceClient(handle.address, (model, tokenizer), layer, "identity") as client:
+        with DeviceClient(handle.address, (model, tokenizer), layer, "identity", **on) as client:
             client.generate(prompt, 2, chat=chat)
         for name in codecs:
-            with DeviceClient(handle.address, (model, tokenizer), layer, name) as client:
+            with DeviceClient(handle.address, (model, tokenizer), layer, name, **on) as client:
                 result = client.generate(prompt, max_new_tokens, chat=chat)
             results[name] = result
             if echo:

@@ -45,11 +45,15 @@ _EXTRA_REQUESTS = 2
 
 
 def add_servicer_to_server(servicer: Any, server: Any) -> None:
-    """Register the ``SplitInference`` service on ``server`` (what Ray Serve's gRPC proxy
-    imports by the path :data:`SERVICER_FUNCTION` to learn the methods it routes)."""
+    """Register the ``SplitInference`` service and ``grpc.health.v1.Health`` on ``server``
+    (what Ray Serve's gRPC proxy imports by the path :data:`SERVICER_FUNCTION` to learn the
+    methods it routes to the replicas)."""
+    from grpc_health.v1 import health_pb2_grpc
+
     from fc_edge.runtime.proto import pb2_grpc
 
     pb2_grpc.add_SplitInferenceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
 
 
 def _ray() -> Any:
@@ -87,22 +91,16 @@ class EdgeReplica:
                        options: dict[str, Any]) -> None:
         from ray import serve
 
-        from fc_edge.runtime.server import load_server_model
-
-        EdgeService, _ = _service_classes()  # noqa: N806
+        from fc_edge.runtime.server import EdgeService
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        # the EdgeService is made here, in the replica's event loop, where its engine runs
-        self.service = EdgeService(load_server_model(model), split_layer, **options)
-        start = getattr(self.service, "start", None)
-        if start is not None:
-            await start()
-        self._drain_s = 0.0
+        # made here, on the replica's event loop, where its coroutines will run
+        self.service = EdgeService(model, split_layer, **options)
         log.info("replica %s serving %s", self.replica_id, model)
 
     async def Generate(self, request_stream: AsyncIterator[Any],  # noqa: N802 - gRPC name
                        grpc_context: Any = None) -> AsyncIterator[Any]:
-        _, SessionAbort = _service_classes()  # noqa: N806
+        from fc_edge.runtime.server import SessionAbort
 
         peer, metadata = _peer_and_metadata(grpc_context)
         try:
@@ -114,17 +112,26 @@ class EdgeReplica:
             raise _status(grpc_context, e) from None
 
     async def Info(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
-        _, SessionAbort = _service_classes()  # noqa: N806
+        from fc_edge.runtime.server import SessionAbort
 
         try:
             return self.service.info(_peer_and_metadata(grpc_context)[1])
         except SessionAbort as e:
             raise _status(grpc_context, e) from None
 
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        """``grpc.health.v1.Health/Check`` through the proxy (no token, for load balancers):
+        SERVING while a replica answers with a running engine."""
+        from grpc_health.v1 import health_pb2
+
+        serving = _engine_alive(self.service) and not self.service.draining
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def check_health(self) -> None:
         """Ray Serve's periodic health check: a replica whose engine stopped is restarted."""
-        healthy = getattr(self.service, "healthy", None)
-        if callable(healthy) and not healthy():
+        if not _engine_alive(self.service):
             raise RuntimeError("the batching engine of this replica is not running")
 
     async def record_routing_stats(self) -> dict[str, Any]:
@@ -137,14 +144,13 @@ class EdgeReplica:
         await self.service.stop(self._drain_s)
 
 
-def _service_classes() -> tuple[Any, Any]:
-    from fc_edge.runtime import server
-
-    if hasattr(server, "EdgeService"):
-        return server.EdgeService, server.SessionAbort
-    from fc_edge.runtime import _legacy_service  # TEMPORARY until the batching server lands
-
-    return _legacy_service.EdgeService, _legacy_service.SessionAbort
+def _engine_alive(service: Any) -> bool:
+    healthy = getattr(service, "healthy", None)
+    if callable(healthy):
+        return bool(healthy())
+    # the engine loop is a thread of the BatchEngine (no public liveness yet)
+    thread = getattr(getattr(service, "engine", None), "_thread", None)
+    return thread is None or thread.is_alive()
 
 
 def _status(grpc_context: Any, e: Any) -> Exception:

@@ -1,11 +1,23 @@
 """The edge server: the tail of a split model behind one gRPC stream per generation session.
 
-A session is opened by an ``Open`` frame (checked against the server's model fingerprint, split
-layer and the codecs it can decode), owns one Hugging Face KV cache and a sampler, answers each
-``Activation`` frame with one ``Token`` frame, and is freed when the stream ends for any reason:
-close, error, client disconnect or idle timeout. Protocol and status codes: docs/protocol.md.
+Two layers:
 
->>> handle = start_server("smollm2-135m", split_layer=8, port=0)
+* :class:`EdgeService` is the transport-free core. It owns the :class:`BatchEngine` (one loop
+  that runs every waiting decode step of every session as one batched forward, and prefills in
+  chunks), checks each ``Open`` (model fingerprint, split layer, codec, limits) and each
+  ``Activation`` (size, codec and configuration, shape, finite values), and answers with
+  ``Token`` frames. Its coroutines take an async iterator of ``ClientFrame`` and raise
+  :class:`SessionAbort` (a gRPC status) to end a session. The gRPC server below and the Ray
+  Serve deployment (``fc_edge.runtime.fleet``) are thin adapters over it.
+* :func:`start_server` runs it under ``grpc.aio`` on a background event loop, beside the
+  standard ``grpc.health.v1.Health`` service (answered without a token).
+
+A stream costs a coroutine, not a thread: one that sends no valid ``Open`` within
+``open_timeout_s`` is ended (DEADLINE_EXCEEDED); streams beyond ``max_streams`` are refused at
+once (RESOURCE_EXHAUSTED), so silent peers cannot starve the others. Protocol and status codes:
+docs/protocol.md.
+
+>>> handle = start_server("smollm2-135m", split_layer=1, port=0)
 >>> handle.address, handle.active_sessions()
 ('127.0.0.1:40123', 0)
 >>> handle.stop()
@@ -13,37 +25,50 @@ close, error, client disconnect or idle timeout. Protocol and status codes: docs
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
-from concurrent import futures
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 
 from fc_edge import wire
 from fc_edge.codecs import decode, get_codec
+from fc_edge.devices import dtype_name, resolve_device, resolve_dtype
 from fc_edge.errors import ConfigError, FcEdgeError, ModelError, WireError
+from fc_edge.models.tail import CacheFullError, Tail
+from fc_edge.runtime.engine import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, BatchEngine
 from fc_edge.runtime.proto import pb2, pb2_grpc
-from fc_edge.runtime.sampling import Sampler, SamplingConfig
+from fc_edge.runtime.sampling import SamplingConfig
 
 log = logging.getLogger("fc_edge.server")
 
 PROTOCOL_VERSION = 1
+SERVICE_NAME = "fc_edge.v1.SplitInference"
 #: Codec accepted for any step the session codec refuses for its shape (BudgetError).
 FALLBACK_CODEC = "fp16"
 DEFAULT_MAX_SESSIONS = 16
 DEFAULT_MAX_SEQ_LEN = 4096
-DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 DEFAULT_IDLE_TIMEOUT_S = 60.0
-# Frames a session buffers ahead of the tail (flow control against a client that floods).
-_INBOX_FRAMES = 4
+DEFAULT_OPEN_TIMEOUT_S = 10.0
+DEFAULT_MAX_STREAMS = 256
+DEFAULT_DRAIN_S = 10.0
+#: Room for the wire header (magic, dims, parameters, CRC) on top of the values of a payload.
+WIRE_HEADER_ALLOWANCE = 4096
+
+
+def default_max_payload_bytes(max_seq_len: int, hidden_size: int) -> int:
+    """The largest honest payload: a whole ``max_seq_len`` x D prefill as float32 + a header."""
+    return max_seq_len * hidden_size * 4 + WIRE_HEADER_ALLOWANCE
 
 
 def load_server_model(model_spec_or_model: Any) -> Any:
@@ -57,20 +82,6 @@ def load_server_model(model_spec_or_model: Any) -> Any:
     return model_spec_or_model
 
 
-def make_tail(model: Any, layer: int) -> Any:
-    """The tail of ``model`` at ``layer`` (the checks of ``split`` without copying a head)."""
-    from fc_edge.models.split import check_supported
-    from fc_edge.models.tail import Tail
-
-    check_supported(model)
-    n = model.config.num_hidden_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n - 1:
-        raise ConfigError(
-            f"split layer must be an integer in 1..{n - 1} for this model, got {layer!r}"
-        )
-    return Tail(model, layer)
-
-
 def default_split_layer(model: Any) -> int:
     """The split layer used when none is given: after the first decoder layer (the paper's split,
     the one docs/results.md measures)."""
@@ -78,8 +89,8 @@ def default_split_layer(model: Any) -> int:
     return 1
 
 
-class _Abort(Exception):
-    """Ends a session with a gRPC status."""
+class SessionAbort(FcEdgeError):
+    """Ends a session (or refuses a call) with a gRPC status ``code`` and ``details``."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
@@ -87,187 +98,259 @@ class _Abort(Exception):
         self.details = details
 
 
-_END = object()  # the client half-closed the stream
-
-
-class _Inbox:
-    """Reads the request stream on its own thread so the session can wait with a timeout."""
-
-    def __init__(self, requests: Any) -> None:
-        self._q: queue.Queue[Any] = queue.Queue(maxsize=_INBOX_FRAMES)
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(requests,), daemon=True,
-                                        name="fc-edge-inbox")
-        self._thread.start()
-
-    def _put(self, item: Any) -> None:
-        while not self._closed.is_set():
-            try:
-                self._q.put(item, timeout=0.25)
-                return
-            except queue.Full:
-                continue
-
-    def _run(self, requests: Any) -> None:
-        try:
-            for frame in requests:
-                self._put(frame)
-                if self._closed.is_set():
-                    return
-            self._put(_END)
-        except Exception as e:  # the RPC was cancelled / the client went away
-            self._put(e)
-
-    def get(self, timeout: float | None) -> Any:
-        try:
-            return self._q.get(timeout=timeout)
-        except queue.Empty:
-            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                         f"session idle for more than {timeout:g} s; closed by the server",
-                         ) from None
-
-    def close(self) -> None:
-        self._closed.set()
-
-
 @dataclass
 class _Session:
     id: str
     peer: str
-    tail: Any  # TailSession
-    sampler: Sampler
-    codecs: frozenset[str]  # codec names accepted in payloads
-    max_seq_len: int
+    engine: Any  # EngineSession
+    codecs: dict[str, Any]  # codec name -> the codec a payload of that name must match
     max_new_tokens: int
     eos: frozenset[int]
-    opened_at: float
+    label: str
+    position: int = 0
     step: int = 0
     generated: int = 0
+    bytes_in: int = 0
     done: bool = False
+    opened_at: float = field(default_factory=time.monotonic)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_reason: str = ""
 
 
-class SplitInferenceServicer(pb2_grpc.SplitInferenceServicer):
-    """Sessions over one shared tail. Thread-safe: each stream runs on its own worker thread."""
+_END = object()  # the client half-closed the stream
 
-    def __init__(self, model: Any, split_layer: int, token: str | None, max_sessions: int,
-                 max_seq_len: int, max_payload_bytes: int, idle_timeout_s: float | None) -> None:
+
+class EdgeService:
+    """Sessions over one batching engine (see the module doc). Create it inside a running
+    event loop; :meth:`generate` and :meth:`stop` are coroutines of that loop."""
+
+    def __init__(
+        self,
+        model: Any,
+        split_layer: int | None = None,
+        *,
+        token: str | None = None,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+        max_payload_bytes: int | None = None,
+        idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
+        open_timeout_s: float = DEFAULT_OPEN_TIMEOUT_S,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        max_batch: int = DEFAULT_MAX_BATCH,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        kv_cache_tokens: int | None = None,
+    ) -> None:
         from fc_edge.models.pretrained import model_fingerprint
+        from fc_edge.models.split import channel_weights, check_split
 
-        self.model = model
-        self.tail = make_tail(model, split_layer)
+        for name, value in (("max_sessions", max_sessions), ("max_seq_len", max_seq_len),
+                            ("max_streams", max_streams)):
+            _check_positive_int(name, value)
+        if max_payload_bytes is not None:
+            _check_positive_int("max_payload_bytes", max_payload_bytes)
+        if idle_timeout_s is not None and not idle_timeout_s > 0:
+            raise ConfigError(f"idle_timeout_s must be > 0 (or None), got {idle_timeout_s!r}")
+        if not open_timeout_s > 0:
+            raise ConfigError(f"open_timeout_s must be > 0, got {open_timeout_s!r}")
+        if token is not None and not token:
+            raise ConfigError("the bearer token must not be empty")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        model = load_server_model(model)
+        if split_layer is None:
+            split_layer = default_split_layer(model)
+        check_split(model, split_layer)
         self.split_layer = split_layer
         self.fingerprint = model_fingerprint(model)
+        self.hidden_size = int(model.config.hidden_size)
         self.token = token
         self.max_sessions = max_sessions
         self.max_seq_len = max_seq_len
-        self.max_payload_bytes = max_payload_bytes
+        self.max_payload_bytes = max_payload_bytes or default_max_payload_bytes(
+            max_seq_len, self.hidden_size)
         self.idle_timeout_s = idle_timeout_s
-        self.hidden_size = int(model.config.hidden_size)
+        self.open_timeout_s = open_timeout_s
+        self.max_streams = max_streams
+        from fc_edge.codecs.transform import register_channel_weights
+
+        register_channel_weights(channel_weights(model, split_layer))  # decodes shaped payloads
+        tail = Tail.from_hf(model, split_layer, device=self.device, dtype=self.dtype)
+        block = 16
+        tokens = kv_cache_tokens or max_sessions * max_seq_len
+        _check_positive_int("kv_cache_tokens", tokens)
+        self.engine = BatchEngine(tail, max_seq_len=max_seq_len, kv_blocks=-(-tokens // block),
+                                  max_batch=max_batch, prefill_chunk=prefill_chunk,
+                                  block_size=block)
+        # payload checks and codec decoding off the event loop (a big prefill takes a while)
+        self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fc-edge-decode")
         self._sessions: dict[str, _Session] = {}
-        self._lock = threading.Lock()
+        self._streams = 0
+        self.draining = False
 
     # --- bookkeeping --------------------------------------------------------------------------
-    def active_sessions(self) -> list[str]:
-        with self._lock:
-            return list(self._sessions)
+    def open_sessions(self) -> int:
+        return len(self._sessions)
 
-    def _release(self, session_id: str) -> None:
-        with self._lock:
-            session = self._sessions.pop(session_id, None)
-        if session is not None:
-            session.tail = None  # drop the KV cache now, not when the stream object is collected
-            log.info("session %s closed after %d tokens", session_id, session.generated)
+    def session_ids(self) -> list[str]:
+        return list(self._sessions)
 
-    def _authorize(self, context: grpc.ServicerContext) -> None:
+    def authorize(self, metadata: Sequence[tuple[str, str]] | None) -> None:
+        """Raise UNAUTHENTICATED unless ``metadata`` carries the bearer token (if one is set)."""
         if self.token is None:
             return
         given = ""
-        for key, value in context.invocation_metadata():
+        for key, value in metadata or ():
             if key == "authorization":
-                given = value.removeprefix("Bearer ").strip()
+                given = str(value).removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), self.token.encode()):
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED,
-                         "missing or wrong bearer token (give the server's --token)")
+            raise SessionAbort(grpc.StatusCode.UNAUTHENTICATED,
+                               "missing or wrong bearer token (give the server's --token)")
 
-    # --- RPCs ---------------------------------------------------------------------------------
-    def Info(self, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            self._authorize(context)
-        except _Abort as e:
-            context.abort(e.code, e.details)
+    def info(self, metadata: Sequence[tuple[str, str]] | None) -> Any:
+        """The ``Info`` RPC: :meth:`status` for a caller whose ``metadata`` carries the token."""
+        self.authorize(metadata)
+        return self.status()
+
+    def status(self) -> Any:
+        """``ServerInfo``: what is served, the limits, and the load right now."""
+        stats = self.engine.stats()
         return pb2.ServerInfo(
             model_fingerprint=self.fingerprint, split_layer=self.split_layer,
             hidden_size=self.hidden_size, max_sessions=self.max_sessions,
             max_seq_len=self.max_seq_len, max_payload_bytes=self.max_payload_bytes,
-            active_sessions=len(self.active_sessions()), token_required=self.token is not None,
-            protocol_version=PROTOCOL_VERSION,
-        )
+            active_sessions=len(self._sessions), token_required=self.token is not None,
+            protocol_version=PROTOCOL_VERSION, open_streams=self._streams,
+            queued_steps=stats.queued_steps, mean_decode_batch=stats.mean_decode_batch,
+            max_batch=self.engine.max_batch, free_kv_blocks=stats.free_blocks,
+            total_kv_blocks=stats.total_blocks, kv_block_size=self.engine.cache.block_size,
+            device=str(self.device), dtype=dtype_name(self.dtype), draining=self.draining)
 
-    def Generate(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
-        inbox: _Inbox | None = None
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """Refuse new sessions; let open ones finish for up to ``drain_s`` seconds, then end
+        them with UNAVAILABLE; stop the engine."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, drain_s)
+        while self._sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self._sessions.values()):
+            s.cancel_reason = f"the server is shutting down (drained for {drain_s:g} s)"
+            s.cancelled.set()
+        deadline = loop.time() + 5.0
+        while self._sessions and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await loop.run_in_executor(None, self.engine.stop)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    # --- a session ----------------------------------------------------------------------------
+    async def generate(self, frames: AsyncIterator[Any], peer: str,
+                       metadata: Sequence[tuple[str, str]] | None = None) -> AsyncIterator[Any]:
+        """The ``Generate`` stream: ``ClientFrame`` in, ``ServerFrame`` out; raises
+        :class:`SessionAbort` to end it with a status."""
+        self.authorize(metadata)
+        if self.draining:
+            raise SessionAbort(grpc.StatusCode.UNAVAILABLE,
+                               "the server is shutting down; open the session elsewhere")
+        if self._streams >= self.max_streams:
+            raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the server is at its limit of {self.max_streams} open streams; "
+                               "retry later")
+        self._streams += 1
         session: _Session | None = None
+        reason = "closed by the client"
+        frames = aiter(frames)
         try:
-            self._authorize(context)
-            inbox = _Inbox(request_iterator)
-            first = inbox.get(self.idle_timeout_s)
-            if first is _END or isinstance(first, Exception):
+            first = await self._next(frames, self.open_timeout_s, None, "no Open frame within")
+            if first is _END:
                 return
             if first.WhichOneof("kind") != "open":
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             "the first frame of a session must be Open")
-            session = self._open(first.open, context.peer())
-            sid = session.id
-            context.add_callback(lambda: self._release(sid))
+                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "the first frame of a session must be Open")
+            session = self._open(first.open, peer)
             yield pb2.ServerFrame(ready=pb2.Ready(
-                session_id=session.id, max_seq_len=session.max_seq_len,
+                session_id=session.id, max_seq_len=session.engine.max_seq_len,
                 max_payload_bytes=self.max_payload_bytes, fallback_codec=FALLBACK_CODEC))
             while True:
-                frame = inbox.get(self.idle_timeout_s)
+                frame = await self._next(frames, self.idle_timeout_s, session,
+                                         "session idle for more than")
                 received = time.perf_counter()
-                if frame is _END or isinstance(frame, Exception):
-                    return  # client closed or went away
+                if frame is _END:
+                    return
                 kind = frame.WhichOneof("kind")
                 if kind == "close":
                     return
                 if kind != "activation":
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"expected an Activation frame, got {kind}")
-                yield self._step(session, frame.activation, received)
-        except _Abort as e:
+                    raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"expected an Activation frame, got {kind}")
+                yield await self._step(session, frame.activation, received)
+        except SessionAbort as e:
+            reason = f"{e.code.name}: {e.details}"
             if session is not None:
-                log.info("session %s ended: %s: %s", session.id, e.code.name, e.details)
-            context.abort(e.code, e.details)
+                log.warning("session %s aborted: %s (peer %s)", session.id, reason, peer)
+            raise
+        except asyncio.CancelledError:
+            reason = "cancelled (the client went away)"
+            raise
         finally:
-            if inbox is not None:
-                inbox.close()
+            self._streams -= 1
             if session is not None:
-                self._release(session.id)
+                self._close(session, reason)
 
-    # --- session steps ------------------------------------------------------------------------
+    async def _next(self, frames: AsyncIterator[Any], timeout: float | None,
+                    session: _Session | None, what: str) -> Any:
+        """The next frame (or _END), waiting at most ``timeout`` seconds; the session's
+        cancellation (drain) ends the wait with UNAVAILABLE."""
+        read = asyncio.ensure_future(anext(frames, _END))
+        return await self._wait(read, timeout, session, f"{what} {timeout:g} s; "
+                                "closed by the server" if timeout else what)
+
+    async def _wait(self, fut: Any, timeout: float | None, session: _Session | None,
+                    timeout_message: str) -> Any:
+        waiters = {fut}
+        cancel = None
+        if session is not None:
+            cancel = asyncio.ensure_future(session.cancelled.wait())
+            waiters.add(cancel)
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if cancel is not None:
+                cancel.cancel()
+        if fut in done:
+            return fut.result()
+        fut.cancel()
+        if session is not None and session.cancelled.is_set():
+            raise SessionAbort(grpc.StatusCode.UNAVAILABLE, session.cancel_reason)
+        raise SessionAbort(grpc.StatusCode.DEADLINE_EXCEEDED, timeout_message)
+
     def _open(self, req: Any, peer: str) -> _Session:
         if req.protocol_version != PROTOCOL_VERSION:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"protocol version {req.protocol_version} is not supported "
-                         f"(server speaks {PROTOCOL_VERSION})")
+            raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"protocol version {req.protocol_version} is not supported "
+                               f"(server speaks {PROTOCOL_VERSION})")
         if req.model_fingerprint != self.fingerprint:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"model mismatch: the client's model fingerprint is "
-                         f"{req.model_fingerprint or '(none)'}, the server serves "
-                         f"{self.fingerprint}; load the same model on both ends")
+            raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"model mismatch: the client's model fingerprint is "
+                               f"{req.model_fingerprint or '(none)'}, the server serves "
+                               f"{self.fingerprint}; load the same model on both ends")
         if req.split_layer != self.split_layer:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"split mismatch: the client's head ends at layer {req.split_layer}, "
-                         f"the server's tail starts at layer {self.split_layer}")
+            raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"split mismatch: the client's head ends at layer "
+                               f"{req.split_layer}, the server's tail starts at layer "
+                               f"{self.split_layer}")
         try:
             config = json.loads(req.codec.config_json or "{}")
             if not isinstance(config, dict):
                 raise ConfigError("codec config_json must be a JSON object")
             codec = get_codec(req.codec.name, **config)
             fallback = get_codec(FALLBACK_CODEC)
-        except (ConfigError, ValueError) as e:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"codec mismatch: the server cannot decode codec "
-                         f"{req.codec.name!r}: {e}") from None
+        except (ConfigError, ValueError, TypeError) as e:
+            raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"codec mismatch: the server cannot decode codec "
+                               f"{req.codec.name!r}: {e}") from None
         s = req.sampling
         try:
             sampling = SamplingConfig(
@@ -275,95 +358,179 @@ class SplitInferenceServicer(pb2_grpc.SplitInferenceServicer):
                 top_p=float(s.top_p) if s.top_p > 0 else 1.0,
                 seed=int(s.seed) if s.has_seed else None)
         except ConfigError as e:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         max_seq_len = req.max_seq_len or self.max_seq_len
         if max_seq_len > self.max_seq_len:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"the session asks for {max_seq_len} positions; this server allows "
-                         f"{self.max_seq_len} (shorten the prompt or --max-new-tokens)")
+            raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the session asks for {max_seq_len} positions; this server "
+                               f"allows {self.max_seq_len} (shorten the prompt or "
+                               "--max-new-tokens)")
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the server is at its limit of {self.max_sessions} concurrent "
+                               "sessions; retry later")
+        sid = uuid.uuid4().hex[:16]
+        try:
+            engine_session = self.engine.open(sid, max_seq_len, sampling)
+        except CacheFullError as e:
+            raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{e}; retry later or ask for fewer positions") from None
         session = _Session(
-            id=uuid.uuid4().hex[:16], peer=peer, tail=None, sampler=Sampler(sampling),
-            codecs=frozenset({codec.name, fallback.name}), max_seq_len=max_seq_len,
+            id=sid, peer=peer, engine=engine_session,
+            codecs={codec.name: codec, fallback.name: fallback},
             max_new_tokens=req.max_new_tokens, eos=frozenset(int(t) for t in req.eos_token_ids),
-            opened_at=time.time())
-        with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                full = True
-            else:
-                full = False
-                self._sessions[session.id] = session
-        if full:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"the server is at its limit of {self.max_sessions} concurrent sessions; "
-                         "retry later")
-        session.tail = self.tail.start()
-        log.info("session %s opened from %s (codec %s)", session.id, peer, req.codec.name)
+            label=req.codec.name)
+        self._sessions[sid] = session
+        log.info("session %s opened: peer=%s codec=%s config=%s max_seq_len=%d", sid, peer,
+                 codec.name, req.codec.config_json or "{}", max_seq_len)
         return session
 
-    def _step(self, session: _Session, act: Any, received: float) -> Any:
+    def _close(self, session: _Session, reason: str) -> None:
+        if self._sessions.pop(session.id, None) is None:
+            return
+        self.engine.close(session.engine)
+        log.info("session %s closed: peer=%s codec=%s tokens=%d bytes_in=%d seconds=%.2f "
+                 "reason=%s", session.id, session.peer, session.label, session.generated,
+                 session.bytes_in, time.monotonic() - session.opened_at, reason)
+
+    async def _step(self, session: _Session, act: Any, received: float) -> Any:
         if session.done:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         "the session is done (EOS or max_new_tokens): send Close")
+            raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                               "the session is done (EOS or max_new_tokens): send Close")
         if act.step != session.step:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"activation for step {act.step}, expected step {session.step}")
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"activation for step {act.step}, expected step {session.step}")
         if len(act.payload) > self.max_payload_bytes:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"payload of {len(act.payload)} bytes exceeds the server's limit of "
-                         f"{self.max_payload_bytes} bytes")
+            raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"payload of {len(act.payload)} bytes exceeds the server's limit "
+                               f"of {self.max_payload_bytes} bytes")
+        session.bytes_in += len(act.payload)
+        loop = asyncio.get_running_loop()
+        x, codec_name, t_unpack, t_decode = await loop.run_in_executor(
+            self._decoder, self._decode_payload, session, act.payload)
         t0 = time.perf_counter()
-        cap = max(self.max_payload_bytes, session.max_seq_len * self.hidden_size * 4)
         try:
-            enc = wire.unpack(act.payload, max_bytes=cap)
-        except WireError as e:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad activation payload: {e}") from None
-        if enc.codec not in session.codecs:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"payload codec {enc.codec!r} is not this session's codec "
-                         f"({', '.join(sorted(session.codecs))})")
-        if len(enc.shape) != 2 or enc.shape[1] != self.hidden_size:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"activation must be (S, {self.hidden_size}), got shape {enc.shape}")
-        rows = enc.shape[0]
-        if session.tail.position + rows > session.max_seq_len:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"{rows} more positions exceed the session's {session.max_seq_len}")
-        t1 = time.perf_counter()
-        try:
-            x = decode(enc)
-        except (FcEdgeError, ValueError, RuntimeError) as e:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"cannot decode the {enc.codec} payload: {e}") from None
-        t2 = time.perf_counter()
-        try:
-            logits = session.tail.step(x)
-            token = session.sampler(logits[-1])
+            future = self.engine.submit(session.engine, x)
         except ConfigError as e:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        try:
+            result = await self._wait(asyncio.wrap_future(future), None, session, "")
         except (RuntimeError, ModelError) as e:
-            log.exception("tail failed in session %s", session.id)
-            raise _Abort(grpc.StatusCode.INTERNAL, f"the tail failed: {e}") from None
-        t3 = time.perf_counter()
+            raise SessionAbort(grpc.StatusCode.INTERNAL, f"the tail failed: {e}") from None
+        except ConfigError as e:
+            raise SessionAbort(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        compute_s = time.perf_counter() - t0
+        session.position += x.shape[0]
         session.step += 1
         session.generated += 1
+        token = result.token
         session.done = token in session.eos or (
             session.max_new_tokens > 0 and session.generated >= session.max_new_tokens)
         return pb2.ServerFrame(token=pb2.Token(
             step=act.step, id=token, done=session.done,
-            timings=pb2.ServerTimings(unpack_s=t1 - t0, decode_s=t2 - t1, compute_s=t3 - t2,
-                                      total_s=time.perf_counter() - received, codec=enc.codec)))
+            timings=pb2.ServerTimings(unpack_s=t_unpack, decode_s=t_decode, compute_s=compute_s,
+                                      total_s=time.perf_counter() - received,
+                                      codec=codec_name)))
+
+    def _decode_payload(self, session: _Session,
+                        payload: bytes) -> tuple[torch.Tensor, str, float, float]:
+        """Parse, check and decode one payload (on a worker thread): (S, D) activation, codec
+        name, unpack and decode seconds."""
+        t0 = time.perf_counter()
+        try:
+            enc = wire.unpack(payload, max_bytes=self.max_payload_bytes)
+        except WireError as e:
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"bad activation payload: {e}") from None
+        if enc.codec not in session.codecs:
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"payload codec {enc.codec!r} is not this session's codec "
+                               f"({', '.join(sorted(session.codecs))})")
+        if len(enc.shape) != 2 or enc.shape[1] != self.hidden_size:
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"activation must be (S, {self.hidden_size}), got shape "
+                               f"{enc.shape}")
+        rows = enc.shape[0]
+        if session.position + rows > session.engine.max_seq_len:
+            raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{rows} more positions exceed the session's "
+                               f"{session.engine.max_seq_len}")
+        t1 = time.perf_counter()
+        try:
+            x = decode(enc)
+        except (FcEdgeError, ValueError, RuntimeError) as e:
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"cannot decode the {enc.codec} payload: {e}") from None
+        if not bool(torch.isfinite(x).all()):
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the {enc.codec} payload decodes to non-finite values (NaN or "
+                               "Inf); the device must send a finite activation")
+        return x, enc.codec, t1 - t0, time.perf_counter() - t1
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+# --- gRPC ------------------------------------------------------------------------------------
+class _GrpcServicer(pb2_grpc.SplitInferenceServicer):
+    """The gRPC face of an :class:`EdgeService`: frames in, frames out, aborts as statuses."""
+
+    def __init__(self, service: EdgeService) -> None:
+        self.service = service
+
+    async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return self.service.info(_metadata(context))
+        except SessionAbort as e:
+            await context.abort(e.code, e.details)
+
+    async def Generate(self, request_iterator: Any,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for frame in self.service.generate(request_iterator, context.peer(),
+                                                     _metadata(context)):
+                yield frame
+        except SessionAbort as e:
+            await context.abort(e.code, e.details)
+
+
+def _metadata(context: Any) -> list[tuple[str, str]]:
+    return [(m[0], m[1]) for m in context.invocation_metadata() or ()]
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _server_loop() -> asyncio.AbstractEventLoop:
+    """The process's event loop for gRPC servers, on its own daemon thread (grpc.aio keeps one
+    loop per process happiest)."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="fc-edge-aio", daemon=True).start()
+            _LOOP = loop
+        return _LOOP
 
 
 class ServerHandle:
-    """A running server: ``.port``, ``.address``, ``.active_sessions()``, ``.stop()``."""
+    """A running server: ``.port``, ``.address``, ``.service``, ``.active_sessions()``,
+    ``.stop(drain_s)``, ``.wait()``."""
 
-    def __init__(self, server: grpc.Server, servicer: SplitInferenceServicer, host: str,
-                 port: int, tls: bool) -> None:
+    def __init__(self, server: Any, service: EdgeService, health: Any, host: str, port: int,
+                 tls: bool, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
-        self.servicer = servicer
+        self.service = service
+        self.health = health
         self.host = host
         self.port = port
         self.tls = tls
+        self._loop = loop
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
 
     @property
     def address(self) -> str:
@@ -372,22 +539,39 @@ class ServerHandle:
 
     @property
     def fingerprint(self) -> str:
-        return self.servicer.fingerprint
+        return self.service.fingerprint
+
+    @property
+    def split_layer(self) -> int:
+        return self.service.split_layer
 
     def active_sessions(self) -> int:
-        """Sessions holding a KV cache right now."""
-        return len(self.servicer.active_sessions())
+        """Sessions holding KV blocks right now."""
+        return self.service.open_sessions()
 
     def session_ids(self) -> list[str]:
-        return self.servicer.active_sessions()
+        return self.service.session_ids()
 
-    def wait(self) -> None:
-        """Block until the server stops."""
-        self.server.wait_for_termination()
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped (True) or ``timeout`` seconds passed (False)."""
+        return self._stopped.wait(timeout)
 
-    def stop(self, grace: float | None = None) -> None:
-        """Stop serving; open sessions are cancelled after ``grace`` seconds."""
-        self.server.stop(grace).wait()
+    def stop(self, drain_s: float | None = None) -> None:
+        """Health NOT_SERVING and no new sessions; open sessions finish for up to ``drain_s``
+        seconds (None: 0), then are ended with UNAVAILABLE; the port closes."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            asyncio.run_coroutine_threadsafe(self._stop(drain_s or 0.0), self._loop).result()
+            self._stopped.set()
+
+    async def _stop(self, drain_s: float) -> None:
+        from grpc_health.v1 import health_pb2
+
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.service.stop(drain_s)
+        await self.server.stop(1.0)
 
     def __enter__(self) -> ServerHandle:
         return self
@@ -404,65 +588,62 @@ def start_server(
     token: str | None = None,
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
-    max_sessions: int = DEFAULT_MAX_SESSIONS,
-    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-    idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
+    **limits: Any,
 ) -> ServerHandle:
     """Serve the tail of a model (spec string, model or (model, tokenizer)) at ``split_layer``.
 
     ``port=0`` picks a free port (read it from ``handle.port``). ``token`` requires
-    ``authorization: Bearer <token>`` metadata on every call; ``tls_cert``/``tls_key`` (PEM
-    files) serve TLS. Limits: ``max_sessions`` concurrent sessions, ``max_seq_len`` positions per
-    session, ``max_payload_bytes`` per activation frame, ``idle_timeout_s`` (None: none) between
-    frames. Returns at once; the server runs on its own threads.
+    ``authorization: Bearer <token>`` metadata on every call (not on the health service);
+    ``tls_cert``/``tls_key`` (PEM files) serve TLS. ``limits`` are :class:`EdgeService`'s
+    keywords: ``max_sessions``, ``max_seq_len``, ``max_payload_bytes``, ``idle_timeout_s``,
+    ``open_timeout_s``, ``max_streams``, ``device``, ``dtype``, ``max_batch``,
+    ``prefill_chunk``, ``kv_cache_tokens``. Returns at once; the server runs on a background
+    event loop.
     """
-    for name, value in (("max_sessions", max_sessions), ("max_seq_len", max_seq_len),
-                        ("max_payload_bytes", max_payload_bytes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    if idle_timeout_s is not None and not idle_timeout_s > 0:
-        raise ConfigError(f"idle_timeout_s must be > 0 (or None), got {idle_timeout_s!r}")
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
-    if token is not None and not token:
-        raise ConfigError("the bearer token must not be empty")
-    model = load_server_model(model_spec_or_model)
-    if split_layer is None:
-        split_layer = default_split_layer(model)
-    from fc_edge.codecs.transform import register_channel_weights
-    from fc_edge.models.split import channel_weights
+    creds = None
+    if tls_cert is not None:
+        creds = grpc.ssl_server_credentials(
+            [(_read(tls_key, "TLS key"), _read(tls_cert, "TLS certificate"))])
+    service = EdgeService(model_spec_or_model, split_layer, token=token, **limits)
+    return asyncio.run_coroutine_threadsafe(_start(service, host, port, creds),
+                                            _server_loop()).result()
 
-    register_channel_weights(channel_weights(model, split_layer))  # decodes shaped payloads
-    servicer = SplitInferenceServicer(model, split_layer, token, max_sessions, max_seq_len,
-                                      max_payload_bytes, idle_timeout_s)
+
+async def _start(service: EdgeService, host: str, port: int, creds: Any) -> ServerHandle:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
     options = [
-        ("grpc.max_receive_message_length", max_payload_bytes + 64 * 1024),
+        ("grpc.max_receive_message_length", service.max_payload_bytes + 64 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.so_reuseport", 0),
         # clients ping every 30 s to notice a dead server during a long step; allow it
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
-    # one worker per session plus room to answer Info and to refuse sessions over the limit
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_sessions + 4,
-                                                    thread_name_prefix="fc-edge-rpc"),
-                         options=options)
-    pb2_grpc.add_SplitInferenceServicer_to_server(servicer, server)
+    server = grpc.aio.server(options=options)
+    pb2_grpc.add_SplitInferenceServicer_to_server(_GrpcServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        if tls_cert is not None:
-            creds = grpc.ssl_server_credentials(
-                [(_read(tls_key, "TLS key"), _read(tls_cert, "TLS certificate"))])
-            bound = server.add_secure_port(bind, creds)
-        else:
-            bound = server.add_insecure_port(bind)
+        bound = (server.add_secure_port(bind, creds) if creds is not None
+                 else server.add_insecure_port(bind))
     except RuntimeError as e:
+        await service.stop()
         raise ConfigError(f"cannot listen on {bind}: {e}") from None
     if not bound:
+        await service.stop()
         raise ConfigError(f"cannot listen on {bind} (address in use or not local)")
-    server.start()
-    return ServerHandle(server, servicer, host, bound, tls_cert is not None)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s split at layer %d on %s (device %s, %s, max batch %d)",
+             service.fingerprint, service.split_layer, bind, service.device,
+             dtype_name(service.dtype), service.engine.max_batch)
+    return ServerHandle(server, service, health_servicer, host, bound, creds is not None,
+                        asyncio.get_running_loop())
 
 
 def _read(path: str | Path | None, what: str) -> bytes:

@@ -60,6 +60,12 @@ def free_port() -> int:
      "split layer must be an integer in 1..3"),
     (["serve", "--model", "synthetic:tiny-llama", "--tls-cert", "x.pem"],
      "TLS needs both --tls-cert and --tls-key"),
+    (["serve", "--model", "synthetic:tiny-llama", "--device", "tpu"], "unknown device 'tpu'"),
+    (["serve", "--model", "synthetic:tiny-llama", "--max-batch", "0"],
+     "max_batch must be an integer >= 1"),
+    (["serve", "--model", "synthetic:tiny-llama", "--open-timeout", "0"],
+     "open_timeout_s must be > 0"),
+    (["demo", "--device", "cuda:x"], "unknown device 'cuda:x'"),
     (["generate", "--server", "127.0.0.1:1", "--model", "synthetic:tiny-llama", "--prompt",
       "hi", "--codec", "nope"], "unknown codec 'nope'"),
     (["generate", "--server", "127.0.0.1:1", "--model", "synthetic:tiny-llama", "--prompt",
@@ -69,6 +75,17 @@ def test_user_mistakes_are_one_line(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("verb", [["serve", "--model", "synthetic:tiny-llama"],
+                                  ["demo", "--model", "synthetic:tiny-llama"],
+                                  ["generate", "--server", "127.0.0.1:1", "--prompt", "hi",
+                                   "--model", "synthetic:tiny-llama"]])
+def test_missing_gpu_is_one_line(verb, capsys):
+    assert main([*verb, "--device", "cuda"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sees no CUDA GPU" in err[0] and "--device cpu" in err[0], err
 
 
 def test_unreachable_server_is_one_line(cached_smollm2, capsys):

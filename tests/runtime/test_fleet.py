@@ -153,6 +153,13 @@ def test_statuses_pass_through_the_proxy(fleet, tiny_llama):
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
     with DeviceClient(fleet.address, tiny_llama, LAYER, "identity", token=TOKEN) as client:
         assert client.info().split_layer == LAYER
+    # the standard health check passes the proxy too, without a token (for load balancers)
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(fleet.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=30)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_no_leaked_actors(fleet):

@@ -60,7 +60,7 @@ def serve_subprocess() -> tuple[subprocess.Popen, str]:
     lines = []
     for line in proc.stdout:  # the banner names the address it listens on
         lines.append(line)
-        m = re.search(r" on (127\.0\.0\.1:\d+)", line)
+        m = re.match(r"fc-edge serve: .* on (127\.0\.0\.1:\d+)", line)
         if m:
             return proc, m.group(1)
     proc.kill()
