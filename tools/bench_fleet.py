@@ -91,12 +91,14 @@ def throughput(args: argparse.Namespace, model: Any, layer: int) -> list[dict[st
         print(f"  {name}: {statistics.median(runs):.1f} tokens/s "
               f"(runs: {', '.join(f'{r:.1f}' for r in runs)})", flush=True)
 
-    with start_server(args.model, layer, port=0, max_sessions=args.sessions) as plain:
+    # a KV cache for these sessions only (the default, 16 x 4096 positions, is GBs per replica)
+    limits = {"max_sessions": args.sessions, "max_seq_len": args.prompt_len + args.tokens + 16}
+    with start_server(args.model, layer, port=0, **limits) as plain:
         measure("plain server (no Ray)", plain.address)
     for replicas in (1, 2):
         # Serve keeps the gRPC port it started with across deployments: always args.port
         fleet = start_fleet(args.model, layer, replicas=replicas, port=args.port,
-                            replica_cpus=0, max_sessions=args.sessions)
+                            replica_cpus=0, **limits)
         try:
             measure(f"Ray Serve, {replicas} replica(s)", fleet.address)
         finally:
@@ -115,7 +117,7 @@ def recovery(args: argparse.Namespace, model: Any, layer: int) -> list[dict[str,
     k = args.kill_at
     rows = []
     fleet = start_fleet(args.model, layer, replicas=2, port=args.port, replica_cpus=0,
-                        max_seq_len=max(args.lengths) + args.tokens + 8)
+                        max_sessions=4, max_seq_len=max(args.lengths) + args.tokens + 8)
     try:
         with DeviceClient(fleet.address, model, layer, "identity") as client:
             client.generate(prompt_ids(vocab, 8, 0), 4, eos_token_id=None)  # warm-up

@@ -239,6 +239,72 @@ class FleetHandle:
         self.stop()
 
 
+def build_app(model: str, split_layer: int | None = None, *, replicas: int = 1,
+              autoscale: tuple[int, int] | None = None, replica_cpus: float = 1.0,
+              replica_gpus: float | None = None, drain_s: float = 10.0,
+              **service_options: Any) -> Any:
+    """The Ray Serve application (not yet running): :class:`EdgeReplica` with ``replicas``
+    fixed replicas or ``autoscale=(MIN, MAX)``, each reserving ``replica_cpus`` CPUs and
+    ``replica_gpus`` GPUs (default: 1 when ``device`` is CUDA, else 0; Ray then shows each
+    replica only its own GPU, as ``cuda:0``).
+
+    Ray counts a ``Generate`` stream as one ongoing request for its whole life, so its routing
+    (a new stream goes to the less loaded of two replicas), queueing and autoscaling all count
+    open sessions: a replica takes at most ``max_sessions`` (+2 for Info and refusals), at most
+    ``max_sessions`` more wait in the proxy (beyond: RESOURCE_EXHAUSTED, never a hang), and
+    the autoscaler aims at half of ``max_sessions`` per replica.
+    """
+    from ray import serve
+
+    if not replica_cpus >= 0:
+        raise ConfigError(f"replica CPUs must be >= 0, got {replica_cpus!r}")
+    if replica_gpus is None:
+        replica_gpus = 1.0 if str(service_options.get("device", "cpu")).startswith("cuda") \
+            else 0.0
+    if not replica_gpus >= 0:
+        raise ConfigError(f"replica GPUs must be >= 0, got {replica_gpus!r}")
+    max_sessions = int(service_options.get("max_sessions", 16))
+    config: dict[str, Any] = {
+        "max_ongoing_requests": max_sessions + _EXTRA_REQUESTS,
+        "max_queued_requests": max_sessions,
+        "graceful_shutdown_timeout_s": drain_s,
+        "ray_actor_options": {"num_cpus": replica_cpus, "num_gpus": replica_gpus},
+    }
+    if autoscale is not None:
+        lo, hi = autoscale
+        config["autoscaling_config"] = {
+            "min_replicas": lo, "max_replicas": hi,
+            "initial_replicas": min(max(replicas, lo), hi),
+            "target_ongoing_requests": max(1, max_sessions // 2),
+        }
+    else:
+        config["num_replicas"] = replicas
+    deployment = serve.deployment(EdgeReplica, name=DEPLOYMENT_NAME).options(**config)
+    return deployment.bind(model, split_layer, dict(service_options))
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """The application of a Serve config file or a KubeRay RayService
+    (``import_path: fc_edge.runtime.fleet:app_builder``): ``args`` holds ``model``, and
+    optionally ``split_layer``, ``replicas``, ``autoscale`` ("MIN:MAX"), ``replica_cpus``,
+    ``drain_s`` and EdgeService keywords (``max_sessions``, ``device``, ``dtype``, ...). The
+    bearer token comes from ``$FC_EDGE_TOKEN`` (a Kubernetes secret), not from the file."""
+    import os
+
+    options = dict(args)
+    if "model" not in options:
+        raise ConfigError("the fc-edge application needs args.model (a load_model spec)")
+    if "token" in options:
+        raise ConfigError("do not put the token in the Serve config: set $FC_EDGE_TOKEN")
+    autoscale = options.pop("autoscale", None)
+    token = os.environ.get("FC_EDGE_TOKEN")
+    if token:
+        options["token"] = token
+    return build_app(options.pop("model"), options.pop("split_layer", None),
+                     autoscale=parse_autoscale(str(autoscale)) if autoscale else None,
+                     **options)
+
+
 def start_fleet(
     model: str,
     split_layer: int | None = None,
@@ -249,6 +315,7 @@ def start_fleet(
     port: int = 50051,
     http_port: int = 0,
     replica_cpus: float = 1.0,
+    replica_gpus: float | None = None,
     num_cpus: int | None = None,
     drain_s: float = 10.0,
     **service_options: Any,
@@ -261,14 +328,12 @@ def start_fleet(
     it a local Ray is started with ``num_cpus`` CPUs (default: all) and no dashboard. Devices
     connect to ``HOST:port`` (Ray's gRPC proxy, on all interfaces, plaintext); ``http_port``
     is Ray's HTTP proxy (started alongside; 0: a free port). Each replica reserves
-    ``replica_cpus`` CPUs. ``service_options`` go to each replica's EdgeService (``token``,
-    ``max_sessions``, ``max_seq_len``, ``device``, ``dtype``, ...). Returns once every initial
-    replica is up.
+    ``replica_cpus`` CPUs and ``replica_gpus`` GPUs (see :func:`build_app`).
+    ``service_options`` go to each replica's EdgeService (``token``, ``max_sessions``,
+    ``max_seq_len``, ``device``, ``dtype``, ...). Returns once every initial replica is up.
     """
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ConfigError(f"--replicas must be an integer >= 1, got {replicas!r}")
-    if not replica_cpus >= 0:
-        raise ConfigError(f"replica CPUs must be >= 0, got {replica_cpus!r}")
     if not isinstance(model, str):
         raise ConfigError("a fleet loads the model in each replica: give a model spec string")
     ray = _ray()
@@ -286,28 +351,10 @@ def start_fleet(
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[SERVICER_FUNCTION]))
-    max_sessions = int(service_options.get("max_sessions", 16))
-    config: dict[str, Any] = {
-        # a Generate stream is one ongoing request for its whole life: Ray's routing, queueing
-        # and autoscaling all count open sessions
-        "max_ongoing_requests": max_sessions + _EXTRA_REQUESTS,
-        "max_queued_requests": max_sessions,  # beyond: RESOURCE_EXHAUSTED, never a hang
-        "graceful_shutdown_timeout_s": drain_s,
-        "ray_actor_options": {"num_cpus": replica_cpus},
-    }
-    if autoscale is not None:
-        lo, hi = autoscale
-        config["autoscaling_config"] = {
-            "min_replicas": lo, "max_replicas": hi,
-            "initial_replicas": min(max(replicas, lo), hi),
-            "target_ongoing_requests": max(1, max_sessions // 2),
-        }
-        initial = config["autoscaling_config"]["initial_replicas"]
-    else:
-        config["num_replicas"] = replicas
-        initial = replicas
-    deployment = serve.deployment(EdgeReplica, name=DEPLOYMENT_NAME).options(**config)
-    app = deployment.bind(model, split_layer, dict(service_options))
+    app = build_app(model, split_layer, replicas=replicas, autoscale=autoscale,
+                    replica_cpus=replica_cpus, replica_gpus=replica_gpus, drain_s=drain_s,
+                    **service_options)
+    initial = replicas if autoscale is None else min(max(replicas, autoscale[0]), autoscale[1])
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")
     except Exception as e:  # noqa: BLE001 - a replica that cannot start, as one line
@@ -364,6 +411,9 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
                    "starting a local Ray")
     f.add_argument("--replica-cpus", type=float, default=1.0,
                    help="CPUs Ray reserves for each replica (0: no reservation)")
+    f.add_argument("--replica-gpus", type=float, default=None,
+                   help="GPUs Ray reserves for each replica (default: 1 with --device cuda, "
+                   "else 0)")
 
 
 def wants_fleet(args: argparse.Namespace) -> bool:
@@ -393,7 +443,8 @@ def cmd_serve_fleet(args: argparse.Namespace) -> int:
     replicas = args.replicas if args.replicas is not None else (autoscale or (1, 1))[0] or 1
     fleet = start_fleet(args.model, args.split_layer, replicas=replicas, autoscale=autoscale,
                         ray_address=args.ray_address, port=args.port,
-                        replica_cpus=args.replica_cpus, drain_s=drain_s, **options)
+                        replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
+                        drain_s=drain_s, **options)
     scale = (f"autoscaling {autoscale[0]}..{autoscale[1]} replicas" if autoscale
              else f"{replicas} replica(s)")
     print(f"fc-edge serve: {args.model} on Ray Serve, {scale}; gRPC proxy on port {args.port} "

@@ -169,3 +169,28 @@ def test_no_leaked_actors(fleet):
     replicas = [n for n in names if n.startswith(f"SERVE_REPLICA::{APP_NAME}#")]
     assert sorted(n.rsplit("#", 1)[1] for n in replicas) == sorted(fleet.replicas())
     assert len(replicas) == 2
+
+
+def test_sample_rayservice_is_valid_for_ray_serve(monkeypatch):
+    """docs/rayservice.yaml: its serveConfigV2 passes Ray 2.60's own Serve schema, and its
+    application builds (without a cluster)."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from fc_edge.errors import ConfigError
+    from fc_edge.runtime.fleet import SERVICER_FUNCTION, app_builder
+
+    manifest = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "docs" / "rayservice.yaml").read_text())
+    config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    assert config.grpc_options.grpc_servicer_functions == [SERVICER_FUNCTION]
+    (app,) = config.applications
+    assert app.import_path == "fc_edge.runtime.fleet:app_builder"
+    monkeypatch.setenv("FC_EDGE_TOKEN", "from-a-secret")
+    assert app_builder(dict(app.args)) is not None
+    with pytest.raises(ConfigError, match="FC_EDGE_TOKEN"):
+        app_builder({**app.args, "token": "in-the-file"})
+    with pytest.raises(ConfigError, match="MIN:MAX"):
+        app_builder({**app.args, "autoscale": "4"})
