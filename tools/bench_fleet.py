@@ -3,7 +3,8 @@
 
 1. Throughput: ``--sessions`` concurrent sessions (one client thread each, started together, EOS
    off, ``--tokens`` new tokens each) against the plain server (one process, no Ray), then Ray
-   Serve with 1 and with 2 replicas behind its gRPC proxy, in one run on one local Ray. Aggregate
+   Serve with 1 and with 2 replicas behind its gRPC proxy, in one run on one local Ray (one CPU
+   and one torch thread per replica, and for the plain server). Aggregate
    tokens/s = all tokens / wall time from the start to the last token; ``--repeats`` runs per
    configuration (median, and every run). On a 2-core machine two replicas share the same two
    cores (and the clients' head compute), so their ratio to one replica is expected near 1: the
@@ -22,11 +23,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -76,10 +83,32 @@ def aggregate(address: str, model: Any, layer: int, sessions: int, tokens: int,
     return sum(counts) / wall, sum(counts)
 
 
+@contextlib.contextmanager
+def plain_server(model: str, layer: int, limits: dict[str, int]) -> Iterator[str]:
+    """``fc-edge serve`` in a subprocess with one torch thread; yields its address."""
+    cmd = [sys.executable, "-m", "fc_edge.cli", "serve", "--model", model, "--split-layer",
+           str(layer), "--port", "0", "--log-level", "WARNING"]
+    for key, value in limits.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        lines = []
+        for line in proc.stdout or ():
+            lines.append(line)
+            m = re.match(r"fc-edge serve: .* on (\S+:\d+)", line)
+            if m:
+                yield m.group(1)
+                return
+        raise RuntimeError("the plain server did not start:\n" + "".join(lines))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def throughput(args: argparse.Namespace, model: Any, layer: int) -> list[dict[str, Any]]:
     """The plain server, then 1 and 2 replicas on Ray Serve (all on ``args.port``)."""
     from fc_edge.runtime.fleet import start_fleet
-    from fc_edge.runtime.server import start_server
 
     rows = []
 
@@ -93,12 +122,15 @@ def throughput(args: argparse.Namespace, model: Any, layer: int) -> list[dict[st
 
     # a KV cache for these sessions only (the default, 16 x 4096 positions, is GBs per replica)
     limits = {"max_sessions": args.sessions, "max_seq_len": args.prompt_len + args.tokens + 16}
-    with start_server(args.model, layer, port=0, **limits) as plain:
-        measure("plain server (no Ray)", plain.address)
+    # the plain server in its own process with one torch thread, as each Ray replica has (Ray
+    # sets OMP_NUM_THREADS to the replica's one CPU): the same footing, and not in this
+    # process, whose 16 client threads would share its interpreter
+    with plain_server(args.model, layer, limits) as address:
+        measure("plain server (no Ray)", address)
     for replicas in (1, 2):
         # Serve keeps the gRPC port it started with across deployments: always args.port
         fleet = start_fleet(args.model, layer, replicas=replicas, port=args.port,
-                            replica_cpus=0, **limits)
+                            replica_cpus=1, **limits)
         try:
             measure(f"Ray Serve, {replicas} replica(s)", fleet.address)
         finally:
@@ -182,8 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)[0]
     layer = args.split_layer if args.split_layer is not None else default_split_layer(model)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    import os
-
     cores = os.cpu_count()
     print(f"{args.model}, split {layer}, identity codec, {cores} CPU cores, Ray "
           f"{ray.__version__}", flush=True)

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import grpc
 import pytest
 import torch
 
 pytest.importorskip("ray.serve", reason="the fleet needs ray[serve] (make install)")
+
+from test_client import hf_greedy  # noqa: E402 - tests/runtime is on sys.path
+from test_server import wait_for  # noqa: E402
 
 from fc_edge.runtime.client import DeviceClient, SessionError  # noqa: E402
 from fc_edge.runtime.fleet import APP_NAME, start_fleet  # noqa: E402
@@ -24,13 +26,6 @@ LAYER = 2
 TOKEN = "fleet-test-token"
 N = 16
 
-
-def hf_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(ids[None], attention_mask=torch.ones_like(ids)[None],
-                             max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return out[0, ids.numel():].tolist()
 
 
 def prompts(n: int) -> list[torch.Tensor]:
@@ -44,14 +39,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +94,7 @@ def test_concurrent_sessions_spread_and_each_equals_solo(fleet, tiny_llama, case
     assert all(r.recoveries == 0 for r in results)
     # each session stayed on one replica (one session id, no recovery); both replicas served
     assert {replica_of(r.session_id) for r in results} == set(fleet.replicas())
-    assert wait_for(lambda: sum(fleet.open_sessions().values()) == 0)
+    assert wait_for(lambda: sum(fleet.open_sessions().values()) == 0, 30)
 
 
 def test_killed_replica_sessions_recover_with_same_tokens(fleet, tiny_llama, cases):
@@ -138,7 +125,7 @@ def test_killed_replica_sessions_recover_with_same_tokens(fleet, tiny_llama, cas
     # Ray Serve replaces the dead replica; no session is left open anywhere
     fleet.wait_ready(2, timeout_s=60)
     assert killed[0] not in fleet.replicas()
-    assert wait_for(lambda: sum(fleet.open_sessions().values()) == 0)
+    assert wait_for(lambda: sum(fleet.open_sessions().values()) == 0, 30)
 
 
 def test_statuses_pass_through_the_proxy(fleet, tiny_llama):

@@ -10,12 +10,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from test_client import hf_greedy  # tests/runtime is on sys.path (pytest rootdir mode)
+from test_server import wait_for
 
 from fc_edge.runtime.client import DeviceClient, SessionError, split_servers
 from fc_edge.runtime.server import start_server
@@ -27,26 +28,11 @@ PROMPT = torch.tensor([3, 141, 59, 26, 53, 58, 97, 93])
 N = 24
 
 
-def hf_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(ids[None], attention_mask=torch.ones_like(ids)[None],
-                             max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return out[0, ids.numel():].tolist()
-
 
 @pytest.fixture(scope="module")
 def expected(tiny_llama) -> list[int]:
     return hf_greedy(tiny_llama, PROMPT, N)
 
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def serve_subprocess() -> tuple[subprocess.Popen, str]:
