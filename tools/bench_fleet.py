@@ -14,7 +14,8 @@
    replica hosting it is killed (its actor, as a crash would); the figure is the time from the
    kill to the next token (the client notices, opens a session on the other replica, replays
    prompt + tokens as one prefill). Beside it: the median decode step of the same session and
-   the time to the first token of a fresh session of prompt + kill-at tokens (the replay's size).
+   the time to the first token of a fresh session of prompt + kill-at tokens (the replay's size),
+   taken once the replacement replica is up.
 
     python tools/bench_fleet.py                               # SmolLM2-135M, 16 sessions
     python tools/bench_fleet.py --model synthetic:tiny-llama --tokens 16 --repeats 1
@@ -172,6 +173,7 @@ def recovery(args: argparse.Namespace, model: Any, layer: int) -> list[dict[str,
                     result = client.generate(ids, args.tokens, eos_token_id=None,
                                              on_token=on_token)
                     assert result.recoveries == 1, "the session did not recover once"
+                    fleet.wait_ready(2, timeout_s=120)  # not while a replacement loads
                     fresh = client.generate(torch.cat([ids, torch.tensor(
                         result.token_ids[:k])]), 1, eos_token_id=None)
                     row = {"prompt_len": length, "replayed_rows": result.steps[k].rows,
