@@ -174,7 +174,8 @@ class FleetHandle:
     """A running fleet: ``address`` of Ray Serve's gRPC proxy, the replicas, ``stop()``."""
 
     address: str
-    own_ray: bool  # this process started Ray (stop() shuts it down)
+    own_ray: bool  # this process started a local Ray: stop() shuts Serve and Ray down
+    connected: bool = False  # this process joined a cluster: stop() deletes the app, disconnects
 
     def replicas(self) -> dict[str, Any]:
         """``{replica id: actor handle}`` of the replicas alive now."""
@@ -229,8 +230,10 @@ class FleetHandle:
         if self.own_ray:
             serve.shutdown()
             ray.shutdown()
-        else:
-            serve.delete(APP_NAME)
+            return
+        serve.delete(APP_NAME)  # a cluster's Serve (and its other applications) stay up
+        if self.connected:
+            ray.shutdown()
 
     def __enter__(self) -> FleetHandle:
         return self
@@ -340,11 +343,11 @@ def start_fleet(
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    connect = not ray.is_initialized()
+    if connect:
+        kwargs: dict[str, Any] = {"log_to_driver": False}
         if ray_address is None:
-            kwargs["num_cpus"] = num_cpus
+            kwargs.update(num_cpus=num_cpus, include_dashboard=False)
         ray.init(address=ray_address, **kwargs)
     if http_port == 0:
         http_port = _free_port()
@@ -355,14 +358,15 @@ def start_fleet(
                     replica_cpus=replica_cpus, replica_gpus=replica_gpus, drain_s=drain_s,
                     **service_options)
     initial = replicas if autoscale is None else min(max(replicas, autoscale[0]), autoscale[1])
+    port = _proxy_port(ray, port)
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")
     except Exception as e:  # noqa: BLE001 - a replica that cannot start, as one line
         first = str(e).strip().splitlines()
         raise ConfigError(f"the fleet did not start: {type(e).__name__}: "
                           f"{first[-1] if first else e}") from None
-    port = _proxy_port(ray, port)
-    handle = FleetHandle(address=f"127.0.0.1:{port}", own_ray=own_ray)
+    handle = FleetHandle(address=f"127.0.0.1:{port}", own_ray=connect and ray_address is None,
+                         connected=connect)
     if initial:
         handle.wait_ready(initial)
     return handle
@@ -447,8 +451,10 @@ def cmd_serve_fleet(args: argparse.Namespace) -> int:
                         drain_s=drain_s, **options)
     scale = (f"autoscaling {autoscale[0]}..{autoscale[1]} replicas" if autoscale
              else f"{replicas} replica(s)")
-    print(f"fc-edge serve: {args.model} on Ray Serve, {scale}; gRPC proxy on port {args.port} "
-          f"of every interface ({fleet.address} here)"
+    where = (f"of the cluster's proxy nodes ({args.ray_address})" if args.ray_address
+             else f"of every interface ({fleet.address} here)")
+    print(f"fc-edge serve: {args.model} on Ray Serve, {scale}; gRPC proxy on port "
+          f"{fleet.address.rsplit(':', 1)[1]} {where}"
           + (" [token required]" if args.token else ""), flush=True)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
