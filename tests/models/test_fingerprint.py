@@ -66,7 +66,7 @@ def test_fingerprint_follows_the_doc():
 
 
 def test_the_docs_test_vector():
-    vector = re.search(r"test vector: `([0-9a-f]{16})`", DOC.read_text())
+    vector = re.search(r"Fingerprint test vector: `([0-9a-f]{16})`", DOC.read_text())
     assert vector, "docs/protocol.md lost its fingerprint test vector"
     assert model_fingerprint(vector_model()) == vector.group(1)
 
