@@ -28,6 +28,7 @@ test: install
 bench: install
 	$(PY) tools/bench_codecs.py
 	$(PY) tools/bench_runtime.py
+	$(PY) tools/bench_server.py
 	$(PY) tools/bench_fleet.py
 
 lint: install

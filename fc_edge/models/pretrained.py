@@ -178,29 +178,32 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
 
 def model_fingerprint(model: Any) -> str:
-    """A 16-hex-digit digest of ``model``'s architecture and weights.
+    """A 16-hex-digit digest of ``model``'s architecture and weights (docs/protocol.md gives
+    the algorithm byte by byte, with a test vector).
 
-    Hashes the architecture fields of the config and, for every tensor of the state dict (sorted
-    by name): its name, shape, dtype and the exact float32 values of up to 1024 evenly spaced
-    elements. Equal for the same weights in two processes; different when any sampled value,
-    shape or config field differs (a change between samples goes unseen: it is a check that
-    two ends loaded the same model, not a checksum).
+    SHA-256 over the architecture fields of the config (compact JSON, keys sorted) and, for
+    every tensor of the state dict in name order: ``name|d0,d1,...|dtype|`` and the float32
+    little-endian bytes of up to 1024 evenly spaced elements (index ``i * (n - 1) // (k - 1)``).
+    Equal for the same weights in two processes; different when any sampled value, shape or
+    config field differs (a change between samples goes unseen: it is a check that two ends
+    loaded the same model, not a checksum).
     """
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
     arch = {k: config.get(k) for k in _FINGERPRINT_FIELDS if k in config}
-    h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True, separators=(",", ":"),
+                                  default=str).encode())
     state = model.state_dict()
     with torch.no_grad():
         for name in sorted(state):
             t = state[name].detach()
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            shape = ",".join(str(d) for d in t.shape)
+            h.update(f"{name}|{shape}|{str(t.dtype).removeprefix('torch.')}|".encode())
             flat = t.reshape(-1)
             n = flat.numel()
             if n == 0:
                 continue
             k = min(n, _FINGERPRINT_SAMPLES)
-            idx = torch.linspace(0, n - 1, k, dtype=torch.float64).round().long()
-            h.update(
-                flat[idx.to(flat.device)].to("cpu", torch.float32).contiguous().numpy().tobytes()
-            )
+            idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
+            values = flat[idx.to(flat.device)].to("cpu", torch.float32).contiguous().numpy()
+            h.update(values.astype("<f4").tobytes())
     return h.hexdigest()[:16]

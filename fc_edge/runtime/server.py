@@ -178,7 +178,8 @@ class EdgeService:
         register_channel_weights(channel_weights(model, split_layer))  # decodes shaped payloads
         tail = Tail.from_hf(model, split_layer, device=self.device, dtype=self.dtype)
         block = 16
-        tokens = kv_cache_tokens or max_sessions * max_seq_len
+        # default: room for max_sessions sessions of max_seq_len positions, block-rounded
+        tokens = kv_cache_tokens or max_sessions * -(-max_seq_len // block) * block
         _check_positive_int("kv_cache_tokens", tokens)
         self.engine = BatchEngine(tail, max_seq_len=max_seq_len, kv_blocks=-(-tokens // block),
                                   max_batch=max_batch, prefill_chunk=prefill_chunk,
