@@ -164,6 +164,10 @@ class BatchEngine:
             self._cv.notify()
         return future
 
+    def alive(self) -> bool:
+        """Whether the loop thread runs."""
+        return self._thread.is_alive()
+
     def stats(self) -> EngineStats:
         with self._cv:
             batches = list(self._batches)

@@ -145,12 +145,8 @@ class EdgeReplica:
 
 
 def _engine_alive(service: Any) -> bool:
-    healthy = getattr(service, "healthy", None)
-    if callable(healthy):
-        return bool(healthy())
-    # the engine loop is a thread of the BatchEngine (no public liveness yet)
-    thread = getattr(getattr(service, "engine", None), "_thread", None)
-    return thread is None or thread.is_alive()
+    # liveness, not readiness: a draining replica is alive (Ray must not restart it mid-drain)
+    return bool(service.engine.alive())
 
 
 def _status(grpc_context: Any, e: Any) -> Exception:

@@ -191,6 +191,10 @@ class EdgeService:
         self.draining = False
 
     # --- bookkeeping --------------------------------------------------------------------------
+    def healthy(self) -> bool:
+        """Whether the service takes sessions: not draining, and its engine loop is alive."""
+        return not self.draining and self.engine.alive()
+
     def open_sessions(self) -> int:
         return len(self._sessions)
 
@@ -640,8 +644,8 @@ async def _start(service: EdgeService, host: str, port: int, creds: Any) -> Serv
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s split at layer %d on %s (device %s, %s, max batch %d)",
-             service.fingerprint, service.split_layer, bind, service.device,
+    log.info("serving %s split at layer %d on %s:%d (device %s, %s, max batch %d)",
+             service.fingerprint, service.split_layer, host, bound, service.device,
              dtype_name(service.dtype), service.engine.max_batch)
     return ServerHandle(server, service, health_servicer, host, bound, creds is not None,
                         asyncio.get_running_loop())

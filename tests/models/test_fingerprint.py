@@ -28,7 +28,7 @@ def from_the_doc(config: dict, tensors: dict[str, tuple[list[int], str, list[flo
     message = json.dumps(arch, sort_keys=True, separators=(",", ":")).encode("utf-8")
     for name in sorted(tensors):
         shape, dtype, values = tensors[name]
-        message += f"{name}|{','.join(map(str, shape))}|{dtype}|".encode("utf-8")
+        message += f"{name}|{','.join(map(str, shape))}|{dtype}|".encode()
         n = len(values)
         k = min(n, 1024)
         for i in range(k):
