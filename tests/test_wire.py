@@ -58,7 +58,7 @@ def test_round_trip_is_exact(key):
 def test_header_layout_matches_the_document():
     x = torch.randn(3, 200)
     data = wire.pack(get_codec("fourier", k_s=2, k_d=3, value_dtype="float32").encode(x))
-    assert data[:2] == b"FC" and data[2] == 1 and data[3] == 2  # magic, version, fourier id
+    assert data[:2] == b"FC" and data[2] == 2 and data[3] == 2  # magic, version, fourier id
     assert data[4] == 1 and data[5] == 2  # float32, 2 dims
     assert data[6:9] == bytes([3, 0xC8, 0x01])  # varints 3 and 200 (LEB128: 200 = 0xC8 0x01)
     assert data[9:12] == bytes([2, 3, 1])  # k_s, k_d, value dtype
@@ -152,7 +152,7 @@ def test_corrupt_entropy_stream_with_valid_crc_is_refused(kw):
 def test_size_cap_refuses_before_allocating():
     # A tiny payload that declares a 2^31 x 2^31 activation must not allocate it.
     big = bytes([0x80, 0x80, 0x80, 0x80, 0x08])  # varint 2^31
-    data = b"FC" + bytes([1, 1, 1, 2]) + big + big + bytes([1]) + bytes([0])
+    data = b"FC" + bytes([wire.VERSION, 1, 1, 2]) + big + big + bytes([1]) + bytes([0])
     data += struct.pack("<I", zlib.crc32(data))
     with pytest.raises(WireError, match="cap"):
         wire.unpack(data)
