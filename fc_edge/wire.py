@@ -32,6 +32,7 @@ from fc_edge.codecs.base import (
     WIRE_DTYPES,
     Encoded,
     TensorSpec,
+    all_finite,
     codec_by_wire_id,
     codec_class,
 )
@@ -134,7 +135,7 @@ def unpack(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
     for s in specs:
         t = tensors[s.name] = _read_tensor(buf, pos, s)
         pos += s.nbytes
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise WireError(f"{cls.name} payload tensor {s.name} holds NaN or Inf")
     enc = Encoded(cls.name, params, tuple(shape), dtype, tensors)
     cls.validate_payload(enc)

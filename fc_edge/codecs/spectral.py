@@ -36,6 +36,7 @@ from fc_edge.codecs.base import (
     ConfigError,
     Encoded,
     TensorSpec,
+    all_finite,
     as_batched,
     check_activation,
     check_ratio,
@@ -166,7 +167,7 @@ class FourierCodec(Codec):
         block = spectral_compress(xb, k_s, k_d)  # (B, R, k_d, 2) float32
         # One scale per item keeps float16 coefficients in range (the DC term is a sum of S*D).
         scale = block.abs().amax(dim=(1, 2, 3)).clamp_min(torch.finfo(torch.float32).tiny)
-        if not bool(torch.isfinite(scale).all()):
+        if not all_finite(scale):
             raise NonFiniteError(
                 f"the spectrum of the activation {tuple(x.shape)} overflows float32 "
                 "(values too large for fourier)"

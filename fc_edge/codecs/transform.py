@@ -52,6 +52,7 @@ from fc_edge.codecs.base import (
     ConfigError,
     Encoded,
     TensorSpec,
+    all_finite,
     check_activation,
     check_ratio,
     header_bytes,
@@ -346,7 +347,7 @@ class RotatedCodec(Codec):
         if self.weights_id:
             rows = rows * channel_weights_by_id(self.weights_id, D, rows.device)
         coefs = rotate(rows, tcode, self.seed)[:, :keep]
-        if not bool(torch.isfinite(coefs).all()):
+        if not all_finite(coefs):
             raise NonFiniteError(
                 f"the {self.transform} of the activation {tuple(x.shape)} overflows float32 "
                 "(values too large for rotated)"
