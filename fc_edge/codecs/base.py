@@ -235,7 +235,7 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.numel() == 0:
         return True
     lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
 def check_activation(x: torch.Tensor) -> tuple[int, int, int]:

@@ -119,16 +119,20 @@ def table_for_step(step: int) -> HuffmanTable:
     return HuffmanTable(Q, lengths_np, codes, max_len, dec_symbol, dec_length, expected)
 
 
-def predict_step(N: int, K: int, code_bytes: int) -> int:
-    """The finest step whose expected stream (Gaussian rows: ``K`` values at the model's mean
-    code length, plus half a byte of padding per row) fits in ``code_bytes`` for ``N`` rows.
+def expected_bytes(N: int, K: int, step: int) -> float:
+    """Model size of ``N`` Gaussian rows of ``K`` values at ``step``: the table's mean code
+    length per value, plus half a byte of padding per row."""
+    return N * (K * table_for_step(step).expected_bits / 8 + 0.5)
 
-    The rate control's first probe; expected bits grow with the step, so this bisects.
-    """
+
+def predict_step(N: int, K: int, code_bytes: float, calibration: float = 1.0) -> int:
+    """The finest step whose expected stream, times ``calibration`` (measured / model size at
+    an earlier probe), fits in ``code_bytes``: the rate control's probe point. Expected bits
+    grow with the step, so this bisects over the 129 steps."""
     lo, hi = 0, MAX_STEP
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if N * (K * table_for_step(mid).expected_bits / 8 + 0.5) <= code_bytes:
+        if expected_bytes(N, K, mid) * calibration <= code_bytes:
             lo = mid
         else:
             hi = mid - 1
