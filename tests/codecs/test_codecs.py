@@ -448,3 +448,40 @@ def test_eight_bit_code_255_is_refused(name, kw):
     enc.tensors["codes"] = codes
     with pytest.raises(WireError, match="exceed 254"):
         wire.unpack(wire.pack(enc))
+
+
+def test_rate_control_search_finds_the_largest_fitting_step():
+    """The probe-and-walk search equals a linear scan for every edge and every starting guess."""
+    from fc_edge.codecs.transform import largest_fitting
+
+    for top in (0, 1, 5, 128):
+        for edge in range(-1, top + 1):
+            for guess in range(top + 1):
+                probed = []
+
+                def fits(s, edge=edge, probed=probed):
+                    probed.append(s)
+                    return s <= edge
+
+                assert largest_fitting(fits, guess, top) == (None if edge < 0 else edge)
+                if abs(guess - edge) <= 1 and 0 <= edge < top:
+                    assert len(set(probed)) <= 3  # a prediction off by one: three probes
+
+
+def test_rotated_step_is_the_finest_that_fits():
+    """The step rate control picks fits the cap and the next finer one would not: checked by
+    repacking the same rows at step + 1 with fc_edge's own quantizer, sizes from the layout."""
+    from fc_edge.codecs import entropy
+    from fc_edge.codecs.transform import dct
+
+    for shape in [(1, 576), (16, 576), (3, 100)]:
+        x = smooth(shape, seed=7)
+        codec = get_codec("rotated")
+        data = wire.pack(codec.encode(x))
+        step = wire.unpack(data).params["step"]
+        assert len(data) <= x.numel() * 4 // 8
+        coefs = dct(x.reshape(-1, shape[-1])).numpy()
+        _, bits = entropy.quantize_at(coefs, entropy.row_sigma(coefs), step + 1)
+        finer = int(((bits + 7) // 8).sum())
+        coarse = wire.unpack(data).params["code_bytes"]
+        assert len(data) - coarse + finer > x.numel() * 4 // 8  # step + 1 would not fit
