@@ -21,6 +21,17 @@ import pytest
 
 HERE = Path(__file__).parent
 
+# Shared by both child scripts: an LEB128 writer (written here, not imported from fc_edge).
+VARINT = r"""
+def varint(v):
+    out = bytearray()
+    while True:
+        b, v = v & 0x7F, v >> 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+"""
+
 # The subprocess: build valid payloads, mutate them, decode, report counts and peak RSS growth.
 FUZZ = r"""
 import importlib.util, json, random, resource, struct, sys, zlib
@@ -34,13 +45,6 @@ ref = importlib.util.module_from_spec(spec); spec.loader.exec_module(ref)
 CAP = int(sys.argv[2]); CASES = int(sys.argv[3])
 torch.set_num_threads(1)
 
-def varint(v):
-    out = bytearray()
-    while True:
-        b, v = v & 0x7F, v >> 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
 
 def split(data):
     r = ref.Reader(data[:-4]); r.take(3)
@@ -122,13 +126,6 @@ from fc_edge.codecs import decode, get_codec
 from fc_edge.errors import WireError
 torch.set_num_threads(1)
 
-def varint(v):
-    out = bytearray()
-    while True:
-        b, v = v & 0x7F, v >> 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
 
 def payload(codec_id, dtype, dims, params, body):
     out = b"FC" + bytes([wire.VERSION, codec_id, dtype, len(dims)])
@@ -165,7 +162,7 @@ print(json.dumps([what, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - ba
 
 def run_child(code: str, *args: str) -> dict | list:
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
+        [sys.executable, "-c", VARINT + textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -176,11 +173,11 @@ def run_child(code: str, *args: str) -> dict | list:
 
 def test_structured_fuzz_only_wire_errors_and_bounded_memory():
     cap = 4 << 20  # declared activations up to 1 Mi float32 elements
-    res = run_child(FUZZ, str(HERE / "wire_reference.py"), str(cap), "1300")
+    res = run_child(FUZZ, str(HERE / "wire_reference.py"), str(cap), "800")
     print(res)
     assert res["problems"] == []
     # mutations reach both outcomes: refused, and decoded to the (possibly new) declared shape
-    assert res["refused"] > 300 and res["decoded"] > 50, res
+    assert res["refused"] > 200 and res["decoded"] > 30, res
     # peak RSS: a small constant times the largest admissible activation (+ allocator slack)
     assert res["growth_mib"] < 12 * cap / 2**20 + 48, res
 
