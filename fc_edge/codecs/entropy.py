@@ -3,7 +3,7 @@
 Rows of an orthonormally rotated activation are close to Gaussian (the layer-1 activation of
 SmolLM2 has kurtosis ~26 along the hidden axis, its DCT ~2.9), so each row is coded as
 
-    q = clamp(round(y / (alpha * sigma)), -Q, Q),     sigma = RMS of the row (sent as float16)
+    q = clamp(round(y / (alpha * sigma)), -Q, Q),     sigma = RMS of the row (sent as bfloat16)
 
 and ``q`` is written with a canonical Huffman code built, identically on both sides, from the
 discretised standard normal at step ``alpha`` (``step_alpha``): nothing but the step index is sent,
