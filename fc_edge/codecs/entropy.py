@@ -310,10 +310,15 @@ def row_bytes(symbols: np.ndarray, step: int) -> np.ndarray:
     return (bits + 7) // 8
 
 
-def encode_rows(symbols: np.ndarray, step: int) -> tuple[bytes, np.ndarray]:
-    """Huffman-code each row into a byte-aligned stream; returns (stream, per-row byte lengths)."""
+def encode_rows(
+    symbols: np.ndarray, step: int, row_bits: np.ndarray | None = None
+) -> tuple[bytes, np.ndarray]:
+    """Huffman-code each row into a byte-aligned stream; returns (stream, per-row byte lengths).
+
+    ``row_bits``: each row's bit count if known (:func:`quantize_at` returns it).
+    """
     t = table_for_step(step)
-    nbytes = row_bytes(symbols, step)
+    nbytes = row_bytes(symbols, step) if row_bits is None else (row_bits + 7) // 8
     return _encode(symbols, t.codes, t.lengths, nbytes).tobytes(), nbytes
 
 

@@ -139,6 +139,8 @@ def idct(y: torch.Tensor) -> torch.Tensor:
     u_rev = torch.cat([torch.zeros_like(u[..., :1]), u[..., 1:].flip(-1)], dim=-1)  # u[N-k]
     v = torch.fft.ifft(torch.complex(u, -u_rev) * w, dim=-1).real
     half = (N + 1) // 2
+    if N % 2 == 0:  # x[2i] = v[i], x[2i+1] = v[N-1-i]: one interleaving copy
+        return torch.stack([v[..., :half], v[..., half:].flip(-1)], dim=-1).flatten(-2)
     x = torch.empty_like(v)
     x[..., ::2] = v[..., :half]
     x[..., 1::2] = v[..., half:].flip(-1)
@@ -411,14 +413,14 @@ class RotatedCodec(Codec):
             )
         len_dtype = _length_wire_dtype(K)
         fixed = 2 * N + WIRE_DTYPES[len_dtype][0] * (N - 1)  # sigmas + row lengths
-        probes: dict[int, tuple[int, int, np.ndarray]] = {}
+        probes: dict[int, tuple[int, int, np.ndarray, np.ndarray]] = {}
 
         def fits(step: int) -> bool:  # each step is quantized at most once
             if step not in probes:
                 symbols, bits = entropy.quantize_at(c, sigma, step)
                 code = int(((bits + 7) // 8).sum())
                 size = self._size(x, {**base, "step": step, "code_bytes": code}, fixed + code)
-                probes[step] = (size, code, symbols)
+                probes[step] = (size, code, symbols, bits)
             return cap is None or probes[step][0] <= cap
 
         if cap is None:
@@ -438,8 +440,7 @@ class RotatedCodec(Codec):
             if step is None:
                 raise self._over(x, cap, probes[0][0])
         fits(step)
-        symbols = probes[step][2]
-        stream, lengths = entropy.encode_rows(symbols, step)
+        stream, lengths = entropy.encode_rows(probes[step][2], step, probes[step][3])
         params = {**base, "step": step, "code_bytes": len(stream)}
         dev = x.device
         return self._encoded(
