@@ -79,7 +79,7 @@ def time_codecs(
     ratio: float = 8.0,
     budget_s: float = 1.5,
     min_rounds: int = 3,
-    max_rounds: int = 50,
+    max_rounds: int = 500,
     seed: int = 0,
 ) -> dict[tuple[int, int], dict[str, Timing]]:
     """Median encode (+pack) and decode (+unpack) seconds per codec and shape, interleaved.
