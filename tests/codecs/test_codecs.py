@@ -190,7 +190,8 @@ def test_topk_keeps_largest_values_exactly():
 
 
 def test_quant_error_bound():
-    """Symmetric absmax: each error is at most half a step, plus float16 scale rounding."""
+    """Symmetric absmax: each error is at most half a step, plus the scale rounded up to
+    bfloat16 (at most 2^-8 relative)."""
     x = torch.randn(10, 64)
     for bits in (2, 4, 8):
         x_hat, _ = roundtrip(get_codec("quant", bits=bits, group_size=16), x)
