@@ -153,7 +153,7 @@ def hadamard_transform(D: int, seed: int) -> np.ndarray:
             H = np.block([[H, H], [H, -H]])
         T[start : start + h, start : start + h] = H / math.sqrt(h)
         start, rest = start + h, rest - h
-    return T @ np.diag(signs)
+    return T * np.array(signs)[None, :]  # T diag(signs)
 
 
 def decode(data: bytes) -> tuple[str, np.ndarray]:
