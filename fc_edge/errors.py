@@ -18,6 +18,11 @@ class BudgetError(ConfigError):
     """A codec cannot meet the requested byte budget for this shape (e.g. ratio too high)."""
 
 
+class NonFiniteError(ConfigError):
+    """An activation given to a codec holds NaN or Inf (or values a codec's arithmetic would
+    overflow to them): nothing is encoded. A server maps it to INVALID_ARGUMENT."""
+
+
 class WireError(FcEdgeError, ValueError):
     """A byte string is not a valid fc-edge payload (truncated, corrupt, oversized, unknown)."""
 

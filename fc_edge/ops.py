@@ -88,24 +88,25 @@ def spectral_decompress(block: torch.Tensor, S: int, D: int, k_s: int) -> torch.
 def spectral_compress_torch(x: torch.Tensor, k_s: int, k_d: int) -> torch.Tensor:
     S = x.shape[1]
     cols = torch.fft.rfft(x.float(), dim=-1)[..., :k_d]  # R2C along D, keep k_d columns
-    rows = block_rows(S, k_s).to(x.device)
     if S == 1:
         spec = cols
     else:
         spec = torch.fft.fft(cols, dim=-2)  # C2C along S on the kept columns only
-    block = spec.index_select(-2, rows) if rows.numel() < S else spec
+    R = n_block_rows(S, k_s)
+    # the kept rows are two contiguous runs, 0..k_s-1 and S-R+k_s..S-1: slices, not a gather
+    block = spec if R == S else torch.cat([spec[:, :k_s], spec[:, S - (R - k_s) :]], dim=1)
     return torch.view_as_real(block.contiguous()).contiguous()
 
 
 def spectral_decompress_torch(block: torch.Tensor, S: int, D: int, k_s: int) -> torch.Tensor:
     B, R, k_d, _ = block.shape
     coef = torch.view_as_complex(block.float().contiguous())
-    rows = block_rows(S, k_s).to(block.device)
     if R == S:
         full = coef
-    else:
+    else:  # scatter the two runs of rows back with slices
         full = coef.new_zeros(B, S, k_d)
-        full.index_copy_(1, rows, coef)
+        full[:, :k_s] = coef[:, :k_s]
+        full[:, S - (R - k_s) :] = coef[:, k_s:]
     if S > 1:
         full = torch.fft.ifft(full, dim=-2)
     return torch.fft.irfft(full, n=D, dim=-1)  # zero-pads the missing columns

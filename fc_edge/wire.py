@@ -9,7 +9,11 @@ Varints are unsigned LEB128 (7 bits per byte, low group first, high bit = more f
 decode row's header costs about 20 bytes instead of a fixed-width 40.
 
 ``unpack`` of any byte string returns an ``Encoded`` that its codec can decode, or raises
-:class:`~fc_edge.errors.WireError`; sizes are checked against a cap before anything is allocated.
+:class:`~fc_edge.errors.WireError`. Every length and parameter is checked against what the
+declared shape allows, and sizes against a cap, before anything that depends on them is
+allocated; then the codec validates the contents once (``Codec.validate_payload``), keeping what
+it decoded for ``decode``. ``unpack`` + ``decode`` of any byte string takes time and memory
+linear in the payload plus the declared activation (at float32, the dtype decoders work in).
 """
 
 from __future__ import annotations
@@ -28,13 +32,16 @@ from fc_edge.codecs.base import (
     WIRE_DTYPES,
     Encoded,
     TensorSpec,
+    all_finite,
     codec_by_wire_id,
     codec_class,
 )
 from fc_edge.errors import ConfigError, WireError
 
 MAGIC = b"FC"
-VERSION = 1
+#: 2: scales of ``quant`` (by ``value_dtype``) and ``rotated`` (bfloat16) cover float32's range,
+#: and ``rotated[transform=hadamard]`` rotates all of D (docs/wire-format.md, "Versions").
+VERSION = 2
 #: Default cap on a payload's declared body and on the activation it decodes to, in bytes.
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
@@ -71,7 +78,8 @@ def pack(enc: Encoded) -> bytes:
 def unpack(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Encoded:
     """Parse and validate a payload; tensors land on the CPU.
 
-    ``max_bytes`` caps both the declared body and the activation the payload decodes to.
+    ``max_bytes`` caps both the declared body and the activation the payload decodes to,
+    counted at float32 (4 bytes per element, what decoding works in) even for a 16-bit dtype.
     """
     buf = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
     n = len(buf)
@@ -94,11 +102,11 @@ def unpack(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
     shape = tuple(shape)
     if min(shape) < 1:
         raise WireError(f"activation shape {shape} has an empty dimension")
-    out_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    out_bytes = math.prod(shape) * 4  # decoders work in float32 whatever the dtype
     if out_bytes > max_bytes:
         raise WireError(
-            f"payload declares a {out_bytes}-byte activation {shape}, above the cap of "
-            f"{max_bytes} bytes"
+            f"payload declares an activation {shape} of {out_bytes} bytes at float32, above "
+            f"the cap of {max_bytes} bytes"
         )
     params = {}
     for name, fmt in cls.wire_params:
@@ -125,8 +133,10 @@ def unpack(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
         )
     tensors = {}
     for s in specs:
-        tensors[s.name] = _read_tensor(buf, pos, s)
+        t = tensors[s.name] = _read_tensor(buf, pos, s)
         pos += s.nbytes
+        if t.is_floating_point() and not all_finite(t):
+            raise WireError(f"{cls.name} payload tensor {s.name} holds NaN or Inf")
     enc = Encoded(cls.name, params, tuple(shape), dtype, tensors)
     cls.validate_payload(enc)
     return enc

@@ -13,7 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="codec encode/decode speed side by side (+ real-model error)")
     b.add_argument("--ratio", type=float, default=8.0, help="target ratio vs float32 (default 8)")
     b.add_argument(
-        "--shapes", default="1x2048,128x2048,512x2048,2048x2048", help="comma-separated SxD shapes"
+        "--shapes",
+        default="1x576,1x2048,128x2048,512x2048,2048x2048",
+        help="comma-separated SxD shapes",
     )
     b.add_argument("--seconds", type=float, default=1.5, help="timing budget per shape")
     b.add_argument("--no-real", action="store_true", help="skip the real-model error table")

@@ -3,7 +3,7 @@
 Rows of an orthonormally rotated activation are close to Gaussian (the layer-1 activation of
 SmolLM2 has kurtosis ~26 along the hidden axis, its DCT ~2.9), so each row is coded as
 
-    q = clamp(round(y / (alpha * sigma)), -Q, Q),     sigma = RMS of the row (sent as float16)
+    q = clamp(round(y / (alpha * sigma)), -Q, Q),     sigma = RMS of the row (sent as bfloat16)
 
 and ``q`` is written with a canonical Huffman code built, identically on both sides, from the
 discretised standard normal at step ``alpha`` (``step_alpha``): nothing but the step index is sent,
@@ -11,9 +11,11 @@ and on real activations the model's cross-entropy is within 0.01 bit of the empi
 This is entropy-coded scalar quantization, about 0.25 bit/value from the Shannon bound for a
 Gaussian source at these rates, against ~0.5 bit for a fixed-width absmax quantizer with scales.
 
-Each row is its own byte-aligned bit stream (MSB first), so rows decode in parallel; the lengths of
-all rows but the last are sent. Decoding finds every code word of all rows at once by pointer
-doubling over the stream (``log2(K)`` vectorised passes), with no per-symbol Python loop.
+Each row is its own byte-aligned bit stream (MSB first), so rows decode independently; the
+lengths of all rows but the last are sent. The bit writer, the reader and the quantizer are
+``numba``-compiled loops (``cache=True``: compiled once per machine, then loaded from
+``__pycache__``): one pass over the symbols with a 64-bit accumulator, no per-bit arrays, so
+decoding takes time and memory linear in the row count times ``K`` whatever the stream holds.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 
@@ -37,6 +40,10 @@ def step_alpha(step: int) -> float:
     return 2.0 ** (2.0 - step / 16.0)
 
 
+#: The largest finite bfloat16 (0x7F7F), the clamp for a row RMS.
+BF16_MAX = 3.3895313892515355e38
+
+
 @dataclass(frozen=True)
 class HuffmanTable:
     """Canonical code for symbols ``0..2Q`` (value ``q = symbol - Q``)."""
@@ -47,6 +54,7 @@ class HuffmanTable:
     max_len: int
     dec_symbol: np.ndarray  # (2^max_len,) symbol of each max_len-bit window
     dec_length: np.ndarray  # (2^max_len,) its code length
+    expected_bits: float  # mean code length under the model (bits per value), for rate control
 
 
 def _huffman_lengths(weights: list[int]) -> list[int]:
@@ -89,6 +97,8 @@ def table_for_step(step: int) -> HuffmanTable:
         if max(lengths) <= cap:
             break
         floor_bits -= 1  # raise the probability floor until the code fits the cap
+    probs = np.array(weights, dtype=np.float64)
+    expected = float((probs / probs.sum()) @ np.array(lengths, dtype=np.float64))
     lengths_np = np.array(lengths, dtype=np.int64)
     order = sorted(range(len(lengths)), key=lambda s: (lengths[s], s))
     codes = np.zeros(len(lengths), dtype=np.int64)
@@ -106,28 +116,192 @@ def table_for_step(step: int) -> HuffmanTable:
         lo = int(codes[s]) << shift
         dec_symbol[lo : lo + (1 << shift)] = s
         dec_length[lo : lo + (1 << shift)] = lengths[s]
-    return HuffmanTable(Q, lengths_np, codes, max_len, dec_symbol, dec_length)
+    return HuffmanTable(Q, lengths_np, codes, max_len, dec_symbol, dec_length, expected)
+
+
+def expected_bytes(N: int, K: int, step: int) -> float:
+    """Model size of ``N`` Gaussian rows of ``K`` values at ``step``: the table's mean code
+    length per value, plus half a byte of padding per row."""
+    return N * (K * table_for_step(step).expected_bits / 8 + 0.5)
+
+
+def predict_step(N: int, K: int, code_bytes: float, calibration: float = 1.0) -> int:
+    """The finest step whose expected stream, times ``calibration`` (measured / model size at
+    an earlier probe), fits in ``code_bytes``: the rate control's probe point. Expected bits
+    grow with the step, so this bisects over the 129 steps."""
+    lo, hi = 0, MAX_STEP
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if expected_bytes(N, K, mid) * calibration <= code_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def max_row_bytes(K: int, step: int) -> int:
+    """Largest byte length a row of ``K`` values can take at ``step`` (all longest code words)."""
+    return (K * table_for_step(step).max_len + 7) // 8
+
+
+def min_row_bytes(K: int, step: int) -> int:
+    """Smallest byte length a row of ``K`` values can take at ``step``."""
+    return (K * int(table_for_step(step).lengths.min()) + 7) // 8
+
+
+
+# --- numba kernels: plain loops over rows and values ----------------------------------------
+@numba.njit(cache=True, nogil=True)
+def _row_sigma(coefs: np.ndarray) -> np.ndarray:  # pragma: no cover (compiled)
+    """``(N, K)`` float32 -> ``(N,)`` float32 RMS rounded to bfloat16 (nearest, ties to even).
+
+    Summed in float64 so no finite row overflows; clamped to the largest finite bfloat16.
+    """
+    N, K = coefs.shape
+    out = np.empty(N, dtype=np.float32)
+    for r in range(N):
+        acc = 0.0
+        for k in range(K):
+            v = np.float64(coefs[r, k])
+            acc += v * v
+        out[r] = np.float32(min(np.sqrt(acc / K), BF16_MAX))
+    bits = out.view(np.uint32)
+    for r in range(N):
+        u = bits[r]
+        u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+        bits[r] = u & np.uint32(0xFFFF0000)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _quantize(coefs, sigma, alpha, Q, code_lengths, symbols, row_bits):  # pragma: no cover
+    """Symbols ``round(y / (alpha sigma)) + Q`` clamped to ``0..2Q`` (ties to even), written
+    into ``symbols``; ``row_bits[r]`` = the row's Huffman bit count."""
+    N, K = coefs.shape
+    for r in range(N):
+        delta = np.float32(alpha * sigma[r])
+        bits = 0
+        for k in range(K):
+            q = 0.0
+            if delta > 0:
+                q = np.rint(coefs[r, k] / delta)
+                q = min(max(q, -Q), Q)
+            s = np.int64(q) + Q
+            symbols[r, k] = s
+            bits += code_lengths[s]
+        row_bits[r] = bits
+
+
+@numba.njit(cache=True, nogil=True)
+def _dequantize(symbols, sigma, alpha, Q, out):  # pragma: no cover
+    N, K = symbols.shape
+    for r in range(N):
+        delta = np.float32(alpha * sigma[r])
+        for k in range(K):
+            out[r, k] = np.float32(symbols[r, k] - Q) * delta
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode(symbols, codes, code_lengths, nbytes):  # pragma: no cover
+    """Huffman-code each row MSB first into one stream, each row padded with zeros to a byte."""
+    N, K = symbols.shape
+    total = 0
+    for r in range(N):
+        total += nbytes[r]
+    out = np.zeros(total, dtype=np.uint8)
+    pos = 0
+    for r in range(N):
+        acc = np.uint64(0)
+        nbits = 0
+        for k in range(K):
+            s = symbols[r, k]
+            n = code_lengths[s]
+            acc = (acc << np.uint64(n)) | np.uint64(codes[s])
+            nbits += n
+            while nbits >= 8:
+                nbits -= 8
+                out[pos] = np.uint8((acc >> np.uint64(nbits)) & np.uint64(0xFF))
+                pos += 1
+            acc &= (np.uint64(1) << np.uint64(nbits)) - np.uint64(1)
+        if nbits:
+            out[pos] = np.uint8((acc << np.uint64(8 - nbits)) & np.uint64(0xFF))
+            pos += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode(stream, starts, K, dec_symbol, dec_length, max_len, symbols):  # pragma: no cover
+    """Decode ``K`` symbols from each row ``stream[starts[r]:starts[r+1]]`` into ``symbols``.
+
+    Returns -1, or the first row whose code words run past its end, leave a whole spare byte,
+    or leave padding bits that are not zero. Bits past a row's end read as 0, so a code word
+    can only overrun, never read another row.
+    """
+    N = symbols.shape[0]
+    mask = (1 << max_len) - 1
+    for r in range(N):
+        i, end = starts[r], starts[r + 1]
+        budget = (end - i) * 8
+        acc = 0
+        nbits = 0
+        used = 0
+        for k in range(K):
+            while nbits < max_len:
+                b = 0
+                if i < end:
+                    b = stream[i]
+                i += 1
+                acc = ((acc << 8) | b) & 0xFFFFFFFF
+                nbits += 8
+            window = (acc >> (nbits - max_len)) & mask
+            n = dec_length[window]
+            used += n
+            if used > budget:
+                return r
+            symbols[r, k] = dec_symbol[window]
+            nbits -= n
+        pad = budget - used
+        if pad >= 8 or (pad and stream[end - 1] & ((1 << pad) - 1)):
+            return r
+    return -1
+
+
+# --- the row coder --------------------------------------------------------------------------
+def row_sigma(coefs: np.ndarray) -> np.ndarray:
+    """``(N, K)`` float32 -> each row's RMS rounded to bfloat16, as float32 ``(N,)``."""
+    return _row_sigma(np.ascontiguousarray(coefs, dtype=np.float32))
+
+
+def quantize_at(
+    coefs: np.ndarray, sigma: np.ndarray, step: int, symbols: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize ``(N, K)`` float32 rows with RMS ``sigma`` at ``step``.
+
+    Returns (symbols ``(N, K)`` int16 in ``0..2Q``, ``(N,)`` Huffman bits per row); ``symbols``
+    may be a buffer to reuse.
+    """
+    t = table_for_step(step)
+    if symbols is None:
+        symbols = np.empty(coefs.shape, dtype=np.int16)
+    row_bits = np.empty(coefs.shape[0], dtype=np.int64)
+    _quantize(coefs, sigma, np.float32(step_alpha(step)), t.Q, t.lengths, symbols, row_bits)
+    return symbols, row_bits
 
 
 def quantize(rows: torch.Tensor, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, K)`` float rows -> (symbols ``(N, K)`` int64 in ``0..2Q``, float16 RMS ``(N,)``)."""
-    table = table_for_step(step)
-    sigma = rows.float().square().mean(dim=1).sqrt().to(torch.float16)
-    s = sigma.float().unsqueeze(1)
-    delta = step_alpha(step) * s
-    q = torch.where(
-        delta > 0,
-        torch.round(rows.float() / delta.clamp_min(1e-30)),
-        torch.zeros_like(rows, dtype=torch.float32),
-    )
-    q = q.clamp(-table.Q, table.Q).to(torch.int64) + table.Q
-    return q.cpu().numpy(), sigma.cpu().numpy()
+    """``(N, K)`` float rows -> (symbols ``(N, K)`` int16 in ``0..2Q``, bfloat16-exact RMS
+    ``(N,)`` as float32)."""
+    coefs = np.ascontiguousarray(rows.detach().float().cpu().numpy())
+    sigma = row_sigma(coefs)
+    return quantize_at(coefs, sigma, step)[0], sigma
 
 
 def dequantize(symbols: np.ndarray, sigma: np.ndarray, step: int) -> torch.Tensor:
-    table = table_for_step(step)
-    q = torch.from_numpy(symbols - table.Q).float()
-    return q * (step_alpha(step) * torch.from_numpy(sigma.astype(np.float32))).unsqueeze(1)
+    """Values ``(symbol - Q) * delta`` with ``delta = float32(alpha) * sigma`` in float32."""
+    t = table_for_step(step)
+    out = np.empty(symbols.shape, dtype=np.float32)
+    _dequantize(symbols, sigma.astype(np.float32), np.float32(step_alpha(step)), t.Q, out)
+    return torch.from_numpy(out)
 
 
 def row_bytes(symbols: np.ndarray, step: int) -> np.ndarray:
@@ -136,53 +310,33 @@ def row_bytes(symbols: np.ndarray, step: int) -> np.ndarray:
     return (bits + 7) // 8
 
 
-def encode_rows(symbols: np.ndarray, step: int) -> tuple[bytes, np.ndarray]:
-    """Huffman-code each row into a byte-aligned stream; returns (stream, per-row byte lengths)."""
-    table = table_for_step(step)
-    N, K = symbols.shape
-    lens = table.lengths[symbols]  # (N, K)
-    codes = table.codes[symbols]
-    nbytes = (lens.sum(axis=1) + 7) // 8
-    row_start = np.concatenate([[0], np.cumsum(nbytes)[:-1]]) * 8
-    offsets = row_start[:, None] + np.cumsum(lens, axis=1) - lens  # bit offset of each code
-    j = np.arange(table.max_len)
-    valid = j[None, None, :] < lens[:, :, None]
-    shift = np.maximum(lens[:, :, None] - 1 - j[None, None, :], 0)
-    bits = (codes[:, :, None] >> shift) & 1
-    out = np.zeros(int(nbytes.sum()) * 8, dtype=np.uint8)
-    out[(offsets[:, :, None] + j)[valid]] = bits[valid]
-    return np.packbits(out).tobytes(), nbytes
+def encode_rows(
+    symbols: np.ndarray, step: int, row_bits: np.ndarray | None = None
+) -> tuple[bytes, np.ndarray]:
+    """Huffman-code each row into a byte-aligned stream; returns (stream, per-row byte lengths).
+
+    ``row_bits``: each row's bit count if known (:func:`quantize_at` returns it).
+    """
+    t = table_for_step(step)
+    nbytes = row_bytes(symbols, step) if row_bits is None else (row_bits + 7) // 8
+    return _encode(symbols, t.codes, t.lengths, nbytes).tobytes(), nbytes
 
 
-def decode_rows(stream: bytes, lengths: np.ndarray, K: int, step: int) -> np.ndarray:
-    """Inverse of :func:`encode_rows`: ``(N, K)`` symbols. Any inconsistency is a WireError."""
-    table = table_for_step(step)
-    N = len(lengths)
-    if int(lengths.sum()) != len(stream):
+def decode_rows(stream: bytes | np.ndarray, lengths: np.ndarray, K: int, step: int) -> np.ndarray:
+    """Inverse of :func:`encode_rows`: ``(N, K)`` int16 symbols. Any inconsistency (lengths that
+    do not add up to the stream, a row that does not hold exactly ``K`` code words followed by
+    fewer than 8 zero bits) is a WireError."""
+    t = table_for_step(step)
+    data = np.frombuffer(stream, dtype=np.uint8) if isinstance(stream, bytes) else stream
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size and int(lengths.min()) < 0:
+        raise WireError("entropy-coded row lengths are negative")
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    if int(starts[-1]) != len(data):
         raise WireError("entropy-coded row lengths do not add up to the stream")
-    L = table.max_len
-    total = len(stream) * 8
-    bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8))
-    bits = np.concatenate([bits, np.zeros(L, dtype=np.uint8)]).astype(np.int64)
-    # window[p] = the L bits starting at p, as an integer (MSB first)
-    window = np.zeros(total + 1, dtype=np.int64)
-    for j in range(L):
-        window = (window << 1) | bits[j : j + total + 1]
-    # next code word position from every bit position; the sentinel `total` absorbs overruns
-    jump = np.minimum(np.arange(total + 1) + table.dec_length[window], total)
-    jump[total] = total
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) * 8
-    pos = np.empty((N, K), dtype=np.int64)
-    pos[:, 0] = starts
-    m = 1
-    while m < K:  # pointer doubling: positions m..2m-1 are `jump^m` of positions 0..m-1
-        take = min(m, K - m)
-        pos[:, m : m + take] = jump[pos[:, :take]]
-        jump = jump[jump]
-        m *= 2
-    symbols = table.dec_symbol[window[pos]]
-    end = pos[:, -1] + table.dec_length[window[pos[:, -1]]]
-    ends = starts + lengths.astype(np.int64) * 8
-    if np.any(pos >= total) or np.any(end > ends) or np.any(ends - end >= 8):
-        raise WireError("entropy-coded rows do not decode to their declared lengths")
+    symbols = np.empty((len(lengths), K), dtype=np.int16)
+    bad = _decode(data, starts, K, t.dec_symbol, t.dec_length, t.max_len, symbols)
+    if bad >= 0:
+        raise WireError(f"entropy-coded row {bad} does not decode to {K} values")
     return symbols

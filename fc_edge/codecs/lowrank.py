@@ -32,6 +32,7 @@ from fc_edge.codecs.base import (
     check_ratio,
     register,
     restore,
+    to_value_dtype,
     too_small,
     value_dtype_code,
     value_dtype_of,
@@ -95,8 +96,8 @@ class LowRankCodec(Codec):
         return self._encoded(
             x,
             {"rank": r, "value_dtype": vcode},
-            left=left.to(vdt).contiguous(),
-            right=right.to(vdt).contiguous(),
+            left=to_value_dtype(left, vdt).contiguous(),
+            right=to_value_dtype(right, vdt).contiguous(),
         )
 
     @classmethod

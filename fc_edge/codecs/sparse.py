@@ -1,7 +1,8 @@
 """Top-k sparsification: keep the ``k`` largest-magnitude values of each activation item.
 
-The payload is ``k`` values (``value_dtype``) and their flat indices into ``S*D``, in the smallest
-unsigned integer type that holds ``S*D - 1`` (u8, u16 or u32); both count against the budget.
+The payload is ``k`` values (``value_dtype``; float16 saturates at 65504) and their flat indices
+into ``S*D``, ascending, in the smallest unsigned integer type that holds ``S*D - 1`` (u8, u16 or
+u32); both count against the budget.
 Not row-wise: the ``k`` values are chosen over the whole ``(S, D)`` item.
 """
 
@@ -24,6 +25,7 @@ from fc_edge.codecs.base import (
     check_ratio,
     register,
     restore,
+    to_value_dtype,
     too_small,
     value_dtype_code,
     value_dtype_of,
@@ -82,7 +84,7 @@ class TopKCodec(Codec):
         flat = as_batched(x.detach()).flatten(1)
         idx = flat.abs().float().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
         vcode = value_dtype_code(self.value_dtype)
-        values = flat.gather(1, idx).to(value_dtype_of({"value_dtype": vcode}))
+        values = to_value_dtype(flat.gather(1, idx), value_dtype_of({"value_dtype": vcode}))
         return self._encoded(x, {"k": k, "value_dtype": vcode}, values=values, indices=idx)
 
     @classmethod
@@ -108,5 +110,8 @@ class TopKCodec(Codec):
     @classmethod
     def validate_payload(cls, enc: Encoded) -> None:
         S, D = enc.shape[-2:]
-        if int(enc.tensors["indices"].max()) >= S * D:
+        idx = enc.tensors["indices"]
+        if int(idx.max()) >= S * D:
             raise WireError(f"topk index out of range for an ({S}, {D}) activation")
+        if idx.shape[1] > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+            raise WireError("topk indices must be strictly ascending within each item")

@@ -36,6 +36,7 @@ from fc_edge.codecs.base import (
     ConfigError,
     Encoded,
     TensorSpec,
+    all_finite,
     as_batched,
     check_activation,
     check_ratio,
@@ -45,6 +46,7 @@ from fc_edge.codecs.base import (
     value_dtype_code,
     value_dtype_of,
 )
+from fc_edge.errors import NonFiniteError
 from fc_edge.ops import (
     block_rows,
     check_geometry,
@@ -165,6 +167,11 @@ class FourierCodec(Codec):
         block = spectral_compress(xb, k_s, k_d)  # (B, R, k_d, 2) float32
         # One scale per item keeps float16 coefficients in range (the DC term is a sum of S*D).
         scale = block.abs().amax(dim=(1, 2, 3)).clamp_min(torch.finfo(torch.float32).tiny)
+        if not all_finite(scale):
+            raise NonFiniteError(
+                f"the spectrum of the activation {tuple(x.shape)} overflows float32 "
+                "(values too large for fourier)"
+            )
         vcode = value_dtype_code(self.value_dtype)
         vdt = value_dtype_of({"value_dtype": vcode})
         coefs = (block / scale.view(-1, 1, 1, 1)).to(vdt)

@@ -6,19 +6,21 @@ to ``y`` comes back with the same energy and no outlier channel dominates a scal
 
 * ``transform="dct"`` (default): the orthonormal DCT-II along D;
 * ``transform="hadamard"``: random signs (from ``seed``, via splitmix64) then a block-diagonal
-  Walsh-Hadamard transform whose block is the largest power of two dividing D (all of D when D is
-  a power of two; 576 = 9 x 64 uses blocks of 64).
+  Walsh-Hadamard transform over the power-of-two blocks of D's binary expansion, largest first,
+  each at most 4096 (all of D when D is a power of two; 576 = 512 + 64; 100 = 64 + 32 + 4), so
+  every D is rotated.
 
 Two quantizers:
 
 * ``quantizer="uniform"`` (default): entropy-coded uniform quantization
-  (:mod:`fc_edge.codecs.entropy`): one float16 RMS per row and a step, chosen per payload by rate
-  control, so that the *packed* payload, header included, takes at most ``bits`` bits per
+  (:mod:`fc_edge.codecs.entropy`): one bfloat16 RMS per row and a step, chosen per payload by
+  rate control, so that the *packed* payload, header included, takes at most ``bits`` bits per
   activation element (4 = 1/8 of float32, 1/4 of float16), or at most ``raw / ratio`` bytes when
-  ``ratio`` is given.
-* ``quantizer="absmax"``: ``bits``-bit symmetric codes with one float16 scale per ``group_size``
-  values (0 = per row), bit-packed or, with ``entropy="deflate"``, raw-DEFLATE coded (RFC 1951).
-  With ``ratio``, ``bits`` is lowered until the payload fits.
+  ``ratio`` is given. Rate control predicts the step from the Gaussian model's bits per value and
+  probes outward from it (usually 2 quantizations, at most ~14 for rows far from Gaussian).
+* ``quantizer="absmax"``: ``bits``-bit symmetric codes with one bfloat16 scale per
+  ``group_size`` values (0 = per row), bit-packed or, with ``entropy="deflate"``, raw-DEFLATE
+  coded (RFC 1951). With ``ratio``, ``bits`` is lowered until the payload fits.
 
 Noise shaping (``shaping="auto"``, default): once bound to a model (:meth:`RotatedCodec.bind`,
 ``fc_edge.models.split.bind_codec``), rows are coded as ``x * w`` and rebuilt as ``y / w`` with
@@ -37,7 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,7 @@ from fc_edge.codecs.base import (
     ConfigError,
     Encoded,
     TensorSpec,
+    all_finite,
     check_activation,
     check_ratio,
     header_bytes,
@@ -59,53 +62,106 @@ from fc_edge.codecs.base import (
 )
 from fc_edge.codecs.quant import (
     check_bits,
+    check_codes,
     check_group_size,
+    check_group_width,
     dequantize_groups,
     n_groups,
     pack_bits,
     packed_nbytes,
     quantize_groups,
     unpack_bits,
+    wire_group_size,
 )
-from fc_edge.errors import BudgetError, WireError
+from fc_edge.errors import BudgetError, NonFiniteError, WireError
 
 TRANSFORMS = {"dct": 1, "hadamard": 2}
 TRANSFORM_NAMES = {v: k for k, v in TRANSFORMS.items()}
 ENTROPY = {"none": 0, "deflate": 1}
 
 
-def dct(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal DCT-II along the last axis via one FFT of length D (Makhoul), O(D) memory."""
-    N = x.shape[-1]
-    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
-    k = torch.arange(N, device=x.device, dtype=torch.float64)
+@functools.lru_cache(maxsize=32)
+def _dct_tables(N: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Twiddles and scales of :func:`dct` / :func:`idct` for length N (cached: a decode row
+    would otherwise spend more time building them than transforming)."""
+    k = torch.arange(N, dtype=torch.float64)
     w = torch.exp(-0.5j * math.pi * k / N).to(torch.complex64)
-    y = 2 * (torch.fft.fft(v, dim=-1) * w).real
-    scale = torch.full((N,), math.sqrt(1 / (2 * N)), device=x.device)
+    w_inv = (0.5 * torch.exp(0.5j * math.pi * k / N)).to(torch.complex64)
+    scale = torch.full((N,), math.sqrt(1 / (2 * N)))
     scale[0] = math.sqrt(1 / (4 * N))
-    return y * scale
+    scale_inv = torch.full((N,), math.sqrt(2 * N))
+    scale_inv[0] = math.sqrt(4 * N)
+    return tuple(t.to(device) for t in (w, scale, w_inv, scale_inv))
+
+
+# A few rows (a decode step) are cheaper as one product with the D x D matrix than as the FFT
+# path's six kernel launches; the matrix is cached per D (16 MiB at D = 2048).
+_MATRIX_ROWS, _MATRIX_MAX_D = 16, 2048
+
+
+@functools.lru_cache(maxsize=4)
+def dct_matrix(N: int, device: torch.device) -> torch.Tensor:
+    """``(N, N)`` float32 orthonormal DCT-II matrix ``T`` (``y = T x``), built in float64."""
+    k = torch.arange(N, dtype=torch.float64).unsqueeze(1)
+    n = torch.arange(N, dtype=torch.float64).unsqueeze(0)
+    T = torch.cos(math.pi * k * (2 * n + 1) / (2 * N)) * math.sqrt(2 / N)
+    T[0] /= math.sqrt(2)
+    return T.float().to(device)
+
+
+@functools.lru_cache(maxsize=4)
+def _dct_matrix_t(N: int, device: torch.device) -> torch.Tensor:
+    return dct_matrix(N, device).T.contiguous()  # a contiguous right operand: 2x faster
+
+
+def _few_rows(x: torch.Tensor) -> bool:
+    return x.shape[-1] <= _MATRIX_MAX_D and x.numel() <= _MATRIX_ROWS * x.shape[-1]
+
+
+def dct(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal DCT-II along the last axis via one FFT of length D (Makhoul), O(D) memory;
+    a product with the cached matrix for a few rows."""
+    N = x.shape[-1]
+    if _few_rows(x):
+        return x @ _dct_matrix_t(N, x.device)
+    w, scale, _, _ = _dct_tables(N, x.device)
+    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
+    return 2 * (torch.fft.fft(v, dim=-1) * w).real * scale
 
 
 def idct(y: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`dct` (orthonormal DCT-III)."""
     N = y.shape[-1]
-    scale = torch.full((N,), math.sqrt(2 * N), device=y.device)
-    scale[0] = math.sqrt(4 * N)
+    if _few_rows(y):
+        return y @ dct_matrix(N, y.device)
+    _, _, w, scale = _dct_tables(N, y.device)
     u = y * scale  # unnormalised DCT-II coefficients
-    k = torch.arange(N, device=y.device, dtype=torch.float64)
-    w = (0.5 * torch.exp(0.5j * math.pi * k / N)).to(torch.complex64)
     u_rev = torch.cat([torch.zeros_like(u[..., :1]), u[..., 1:].flip(-1)], dim=-1)  # u[N-k]
     v = torch.fft.ifft(torch.complex(u, -u_rev) * w, dim=-1).real
     half = (N + 1) // 2
+    if N % 2 == 0:  # x[2i] = v[i], x[2i+1] = v[N-1-i]: one interleaving copy
+        return torch.stack([v[..., :half], v[..., half:].flip(-1)], dim=-1).flatten(-2)
     x = torch.empty_like(v)
     x[..., ::2] = v[..., :half]
     x[..., 1::2] = v[..., half:].flip(-1)
     return x
 
 
-def hadamard_block(D: int) -> int:
-    """The Walsh-Hadamard block size for D: the largest power of two dividing D (max 4096)."""
-    return min(D & -D, 4096)
+#: Largest Walsh-Hadamard block (a 4096 x 4096 float32 matrix is 64 MiB).
+MAX_HADAMARD_BLOCK = 4096
+
+
+def hadamard_blocks(D: int) -> tuple[int, ...]:
+    """Block sizes for D: its binary expansion, largest first, blocks capped at 4096.
+
+    ``576 -> (512, 64)``, ``100 -> (64, 32, 4)``, ``2048 -> (2048,)``; they add up to D.
+    """
+    out, rest = [], D
+    while rest:
+        h = min(1 << (rest.bit_length() - 1), MAX_HADAMARD_BLOCK)
+        out.append(h)
+        rest -= h
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=16)
@@ -133,26 +189,32 @@ def hadamard_signs(D: int, seed: int, device: str = "cpu") -> torch.Tensor:
     return torch.from_numpy(signs).to(device)
 
 
-def rotate(rows: torch.Tensor, transform: int, seed: int) -> torch.Tensor:
-    """``(N, D)`` float32 -> ``(N, D)`` transformed rows (orthonormal)."""
+def _blockwise(rows: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """Multiply each power-of-two block of the columns by its (symmetric) Hadamard matrix."""
     D = rows.shape[1]
     dev = str(rows.device)
+    out, start = [], 0
+    for h in hadamard_blocks(D):
+        H = hadamard_matrix(h, dev)
+        out.append(rows[:, start : start + h] @ (H.T if transpose else H))
+        start += h
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def rotate(rows: torch.Tensor, transform: int, seed: int) -> torch.Tensor:
+    """``(N, D)`` float32 -> ``(N, D)`` transformed rows (orthonormal)."""
     if transform == TRANSFORMS["dct"]:
         return dct(rows)
-    h = hadamard_block(D)
-    y = (rows * hadamard_signs(D, seed, dev)).view(-1, D // h, h) @ hadamard_matrix(h, dev)
-    return y.view(-1, D)
+    D = rows.shape[1]
+    return _blockwise(rows * hadamard_signs(D, seed, str(rows.device)), transpose=False)
 
 
 def unrotate(coefs: torch.Tensor, transform: int, seed: int) -> torch.Tensor:
     """Inverse of :func:`rotate` (the transpose)."""
-    D = coefs.shape[1]
-    dev = str(coefs.device)
     if transform == TRANSFORMS["dct"]:
         return idct(coefs)
-    h = hadamard_block(D)
-    y = (coefs.view(-1, D // h, h) @ hadamard_matrix(h, dev).T).view(-1, D)
-    return y * hadamard_signs(D, seed, dev)
+    D = coefs.shape[1]
+    return _blockwise(coefs, transpose=True) * hadamard_signs(D, seed, str(coefs.device))
 
 
 def deflate(data: bytes) -> bytes:
@@ -316,6 +378,11 @@ class RotatedCodec(Codec):
         if self.weights_id:
             rows = rows * channel_weights_by_id(self.weights_id, D, rows.device)
         coefs = rotate(rows, tcode, self.seed)[:, :keep]
+        if not all_finite(coefs):
+            raise NonFiniteError(
+                f"the {self.transform} of the activation {tuple(x.shape)} overflows float32 "
+                "(values too large for rotated)"
+            )
         base = {
             "transform": tcode,
             "quantizer": QUANTIZERS[self.quantizer],
@@ -336,48 +403,63 @@ class RotatedCodec(Codec):
         return header_bytes(type(self), tuple(x.shape), params, body) + body
 
     def _encode_uniform(self, x, coefs, base, cap) -> Encoded:
-        N = coefs.shape[0]
-        len_dtype = _length_wire_dtype(base["keep"])
+        c = np.ascontiguousarray(coefs.cpu().numpy(), dtype=np.float32)
+        N, K = c.shape
+        sigma = entropy.row_sigma(c)
+        if not np.isfinite(entropy.step_alpha(0) * sigma.astype(np.float32)).all():
+            raise NonFiniteError(
+                f"rotated: a row RMS of {float(sigma.max()):.3g} makes the quantizer step "
+                "overflow float32 (values too large)"
+            )
+        len_dtype = _length_wire_dtype(K)
         fixed = 2 * N + WIRE_DTYPES[len_dtype][0] * (N - 1)  # sigmas + row lengths
+        probes: dict[int, tuple[int, int, np.ndarray, np.ndarray]] = {}
 
-        @functools.cache  # the search and the final encode share each step's quantization
-        def size_at(step: int) -> tuple[int, np.ndarray, np.ndarray]:
-            symbols, sigma = entropy.quantize(coefs, step)
-            code = int(entropy.row_bytes(symbols, step).sum())
-            params = {**base, "step": step, "code_bytes": code}
-            return self._size(x, params, fixed + code), symbols, sigma
+        def fits(step: int) -> bool:  # each step is quantized at most once
+            if step not in probes:
+                symbols, bits = entropy.quantize_at(c, sigma, step)
+                code = int(((bits + 7) // 8).sum())
+                size = self._size(x, {**base, "step": step, "code_bytes": code}, fixed + code)
+                probes[step] = (size, code, symbols, bits)
+            return cap is None or probes[step][0] <= cap
 
-        lo, hi = 0, entropy.MAX_STEP  # finest step whose payload fits the cap
-        if cap is not None and size_at(0)[0] > cap:
-            raise self._over(x, cap, size_at(0)[0])
         if cap is None:
-            lo = entropy.MAX_STEP
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if size_at(mid)[0] <= cap:
-                lo = mid
-            else:
-                hi = mid - 1
-        _, symbols, sigma = size_at(lo)
-        stream, lengths = entropy.encode_rows(symbols, lo)
-        params = {**base, "step": lo, "code_bytes": len(stream)}
+            step = entropy.MAX_STEP
+        else:
+            # Predict the step from the Gaussian model, probe it, rescale the model by what the
+            # probe measured (real rows are not exactly Gaussian), and search outward from the
+            # corrected prediction: two or three quantizations instead of a bisection's eight.
+            bound = {**base, "step": entropy.MAX_STEP, "code_bytes": cap}
+            budget = cap - fixed - header_bytes(type(self), tuple(x.shape), bound, cap)
+            guess = entropy.predict_step(N, K, budget)
+            fits(guess)
+            calibration = max(probes[guess][1], 1) / entropy.expected_bytes(N, K, guess)
+            step = largest_fitting(
+                fits, entropy.predict_step(N, K, budget, calibration), entropy.MAX_STEP
+            )
+            if step is None:
+                raise self._over(x, cap, probes[0][0])
+        fits(step)
+        stream, lengths = entropy.encode_rows(probes[step][2], step, probes[step][3])
+        params = {**base, "step": step, "code_bytes": len(stream)}
         dev = x.device
         return self._encoded(
             x,
             params,
             codes=torch.frombuffer(bytearray(stream), dtype=torch.uint8).to(dev),
-            scales=torch.from_numpy(sigma).to(dev),
+            scales=torch.from_numpy(sigma).to(torch.bfloat16).to(dev),
             lengths=torch.from_numpy(lengths[:-1].astype(np.int64)).to(dev),
         )
 
     def _encode_absmax(self, x, coefs, base, cap) -> Encoded:
+        group = wire_group_size(coefs.shape[1], self.group_size)
         for bits in range(self.bits, 1, -1):
-            codes, scales = quantize_groups(coefs, bits, self.group_size)
+            codes, scales = quantize_groups(coefs, bits, group)
             body, entropy_code = self._code_stream(codes, bits)
             params = {
                 **base,
                 "bits": bits,
-                "group_size": self.group_size,
+                "group_size": group,
                 "entropy": entropy_code,
                 "code_bytes": len(body),
             }
@@ -410,13 +492,19 @@ class RotatedCodec(Codec):
 
     @classmethod
     def _uniform_symbols(cls, enc: Encoded) -> np.ndarray:
+        p = enc.params
         lengths = enc.tensors["lengths"].cpu().numpy().astype(np.int64)
-        stream = enc.tensors["codes"].cpu().numpy().tobytes()
+        stream = enc.tensors["codes"].cpu().numpy()
+        lo, hi = entropy.min_row_bytes(p["keep"], p["step"]), entropy.max_row_bytes(
+            p["keep"], p["step"]
+        )
+        if lengths.size and (int(lengths.min()) < lo or int(lengths.max()) > hi):
+            raise WireError(f"entropy-coded row lengths must be in {lo}..{hi} bytes")
         last = len(stream) - int(lengths.sum())
-        if last < 0:
-            raise WireError("entropy-coded row lengths exceed the stream")
-        lengths = np.concatenate([lengths, [last]])
-        return entropy.decode_rows(stream, lengths, enc.params["keep"], enc.params["step"])
+        if not lo <= last <= hi:
+            raise WireError("entropy-coded row lengths do not add up to the stream")
+        lengths = np.append(lengths, last)
+        return entropy.decode_rows(stream, lengths, p["keep"], p["step"])
 
     @classmethod
     def _absmax_codes(cls, enc: Encoded) -> torch.Tensor:
@@ -435,13 +523,18 @@ class RotatedCodec(Codec):
         N = cls._n_rows(enc)
         dev = enc.tensors["codes"].device
         if p["quantizer"] == QUANTIZERS["uniform"]:
-            symbols = cls._uniform_symbols(enc)
-            sigma = enc.tensors["scales"].cpu().numpy()
+            symbols = enc.checked.get("symbols")
+            if symbols is None:
+                symbols = cls._uniform_symbols(enc)
+            sigma = enc.tensors["scales"].float().cpu().numpy()
             kept = entropy.dequantize(symbols, sigma, p["step"]).to(dev)
         else:
-            codes = cls._absmax_codes(enc).view(N, p["keep"])
+            codes = enc.checked.get("codes")
+            if codes is None:
+                codes = cls._absmax_codes(enc)
+            codes = codes.view(N, p["keep"])
             kept = dequantize_groups(codes, enc.tensors["scales"], p["bits"], p["group_size"])
-        coefs = torch.nn.functional.pad(kept, (0, D - p["keep"]))
+        coefs = kept if p["keep"] == D else torch.nn.functional.pad(kept, (0, D - p["keep"]))
         rows = unrotate(coefs, p["transform"], p["seed"])
         if p["shaping"]:
             rows = rows / channel_weights_by_id(p["shaping"], D, rows.device)
@@ -458,25 +551,36 @@ class RotatedCodec(Codec):
             raise ConfigError(f"keep must be in 1..{D}, got {keep}")
         code_bytes = params["code_bytes"]
         if params["quantizer"] == QUANTIZERS["uniform"]:
-            if params["step"] > entropy.MAX_STEP:
+            step = params["step"]
+            if step > entropy.MAX_STEP:
                 raise ConfigError(f"step must be in 0..{entropy.MAX_STEP}")
+            lo, hi = entropy.min_row_bytes(keep, step), entropy.max_row_bytes(keep, step)
+            if not N * lo <= code_bytes <= N * hi:  # before anything sized by it is read
+                raise ConfigError(
+                    f"code stream of {code_bytes} bytes cannot hold {N} rows of {keep} values "
+                    f"at step {step} ({N * lo}..{N * hi} bytes)"
+                )
             return [
                 TensorSpec("codes", "u1", (code_bytes,)),
-                TensorSpec("scales", "f2", (N,)),
+                TensorSpec("scales", "bf2", (N,)),
                 TensorSpec("lengths", _length_wire_dtype(keep), (N - 1,)),
             ]
         if params["quantizer"] != QUANTIZERS["absmax"]:
             raise ConfigError(f"unknown quantizer code {params['quantizer']}")
-        check_bits(params["bits"])
-        if params["entropy"] not in ENTROPY.values():
+        bits = check_bits(params["bits"])
+        check_group_width(params["group_size"], keep)
+        packed = packed_nbytes(N * keep, bits)
+        if params["entropy"] == ENTROPY["none"]:
+            if code_bytes != packed:
+                raise ConfigError("bit-packed code stream has the wrong length")
+        elif params["entropy"] == ENTROPY["deflate"]:
+            if not 1 <= code_bytes < packed:  # the sender deflates only when that is shorter
+                raise ConfigError(f"deflated code stream must be 1..{packed - 1} bytes")
+        else:
             raise ConfigError(f"unknown entropy code {params['entropy']}")
-        if params["entropy"] == ENTROPY["none"] and code_bytes != packed_nbytes(
-            N * keep, params["bits"]
-        ):
-            raise ConfigError("bit-packed code stream has the wrong length")
         return [
             TensorSpec("codes", "u1", (code_bytes,)),
-            TensorSpec("scales", "f2", (N, n_groups(keep, params["group_size"]))),
+            TensorSpec("scales", "bf2", (N, n_groups(keep, params["group_size"]))),
         ]
 
     @classmethod
@@ -487,13 +591,50 @@ class RotatedCodec(Codec):
     def validate_payload(cls, enc: Encoded) -> None:
         if enc.params["shaping"]:
             channel_weights_by_id(enc.params["shaping"], enc.shape[-1], torch.device("cpu"))
+        if bool((enc.tensors["scales"] < 0).any()):
+            raise WireError("rotated scales must not be negative")
         if enc.params["quantizer"] == QUANTIZERS["uniform"]:
-            cls._uniform_symbols(enc)
+            enc.checked["symbols"] = cls._uniform_symbols(enc)
             return
         codes = cls._absmax_codes(enc)
-        qmax = 2 ** (enc.params["bits"] - 1) - 1
-        if codes.numel() and int(codes.max()) > 2 * qmax:
-            raise WireError(f"rotated codes exceed {2 * qmax} for {enc.params['bits']} bits")
+        check_codes(codes, enc.params["bits"], "rotated")
+        enc.checked["codes"] = codes
+
+
+def largest_fitting(fits: Callable[[int], bool], guess: int, top: int) -> int | None:
+    """Largest ``s`` in ``0..top`` with ``fits(s)``, for ``fits`` true up to a point and false
+    after; probes outward from ``guess`` one step, then one more, then doubling (galloping),
+    then bisects, so a guess off by one costs two or three calls. None when even ``fits(0)`` is
+    false."""
+    guess = min(max(guess, 0), top)
+    lo, hi = (guess, None) if fits(guess) else (None, guess)
+    d, moves = 1, 0
+    while lo is None:  # walk down to a fitting step
+        s = max(hi - d, 0)
+        if fits(s):
+            lo = s
+        elif s == 0:
+            return None
+        else:
+            hi, moves = s, moves + 1
+            d = d * 2 if moves >= 2 else d
+    d, moves = 1, 0
+    while hi is None:  # walk up to a failing one
+        s = min(lo + d, top)
+        if s == lo:
+            return lo
+        if fits(s):
+            lo, moves = s, moves + 1
+            d = d * 2 if moves >= 2 else d
+        else:
+            hi = s
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _length_wire_dtype(keep: int) -> str:
