@@ -191,6 +191,24 @@ class Codec(ABC):
         """The keyword arguments that rebuild this codec with ``get_codec(self.name, **config)``."""
         return {}
 
+    def expected_params(self, enc: Encoded) -> dict[str, int]:
+        """The wire parameters this configuration fixes for a payload like ``enc`` (of this
+        codec's name): a receiver compares them with what a payload carries. Parameters that
+        follow the data or the shape (a rate-controlled step, a ratio's block size) are left
+        out."""
+        value_dtype = getattr(self, "value_dtype", None)
+        return {} if value_dtype is None else {"value_dtype": value_dtype_code(value_dtype)}
+
+    def mismatch(self, enc: Encoded) -> str | None:
+        """Why ``enc`` is not a payload this configuration sends, or None when it is."""
+        if enc.codec != self.name:
+            return f"codec {enc.codec!r}, not {self.name!r}"
+        for key, want in self.expected_params(enc).items():
+            got = enc.params.get(key)
+            if got != want:
+                return f"{key} = {got}, this configuration sends {want}"
+        return None
+
     def bind(self, weights: torch.Tensor | None) -> Codec:
         """Give the codec per-channel importance weights ``(D,)`` of the model it serves.
 

@@ -220,6 +220,11 @@ class IdentityCodec(Codec):
     def decode(cls, enc: Encoded) -> torch.Tensor:
         return restore(enc.tensors["x"], enc)
 
+    def expected_params(self, enc: Encoded) -> dict[str, int]:
+        # identity sends the values at the activation's own (declared) dtype
+        return {"value_dtype": {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}.get(
+            enc.dtype, -1)}
+
     @classmethod
     def layout(cls, shape: tuple[int, ...], params: Mapping[str, int]) -> list[TensorSpec]:
         return [TensorSpec("x", WIRE_DTYPE_OF_VALUE[value_dtype_of(params)], tuple(shape))]
@@ -267,6 +272,14 @@ class QuantCodec(Codec):
     def config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"group_size": self.group_size, "value_dtype": self.value_dtype}
         out.update({"ratio": self.ratio} if self.ratio is not None else {"bits": self.bits})
+        return out
+
+    def expected_params(self, enc: Encoded) -> dict[str, int]:
+        out = {"value_dtype": value_dtype_code(self.value_dtype),
+               "group_size": wire_group_size(enc.shape[-1] if enc.shape else 1,
+                                             self.group_size)}
+        if self.bits is not None:  # with a ratio the width follows the shape
+            out["bits"] = self.bits
         return out
 
     def _bits_for(self, x: torch.Tensor, D: int) -> int:

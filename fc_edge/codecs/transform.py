@@ -39,7 +39,9 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -237,42 +239,78 @@ def inflate(data: bytes, size: int) -> bytes:
 QUANTIZERS = {"uniform": 1, "absmax": 2}
 SHAPINGS = ("auto", "none")
 
-# Channel weights for noise shaping, by id (CRC32 of their float16 bytes); see bind().
-_CHANNEL_WEIGHTS: dict[int, torch.Tensor] = {}
+class ChannelWeights:
+    """Channel-weight vectors for noise shaping, by wire id (14 bits of the CRC32 of their
+    float16 bytes); see :meth:`RotatedCodec.bind`.
+
+    A process has one registry by default; a server keeps one per model and split it serves and
+    makes it the active one (:func:`channel_weights_scope`) while it binds and decodes, so one
+    process can serve several models without their vectors meeting.
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, torch.Tensor] = {}
+
+    def register(self, weights: torch.Tensor) -> int:
+        """Make a ``(D,)`` positive weight vector known; returns its wire id.
+
+        Both ends of a session register the same vector (computed from the same model), and a
+        payload names the vector it was shaped with, so a receiver without it refuses it.
+        """
+        w = weights.detach().float().cpu().reshape(-1)
+        if w.numel() < 1 or not torch.isfinite(w).all() or (w <= 0).any():
+            raise ConfigError(
+                "channel weights must be a non-empty vector of positive finite numbers")
+        w16 = w.to(torch.float16).float()
+        # 14 bits of the CRC: a 2-byte varint (a full CRC32 would take 5 bytes of a 288-byte row)
+        key = (zlib.crc32(w16.to(torch.float16).numpy().tobytes()) & 0x3FFF) or 1
+        known = self._by_id.get(key)
+        if known is not None and not torch.equal(known, w16):
+            raise ConfigError(
+                f"two different channel-weight vectors share id {key}; "
+                "bind fewer models or split layers to one registry"
+            )
+        self._by_id[key] = w16
+        return key
+
+    def get(self, key: int, D: int, device: torch.device) -> torch.Tensor:
+        w = self._by_id.get(key)
+        if w is None:
+            raise WireError(
+                f"payload is shaped with channel weights {key} this receiver does not know; "
+                "bind the codec to the same model and split on both ends"
+            )
+        if w.numel() != D:
+            raise WireError(f"channel weights {key} have {w.numel()} entries, the row has {D}")
+        return w.to(device)
+
+    def forget(self, key: int) -> torch.Tensor | None:
+        """Drop a vector (tests); returns it."""
+        return self._by_id.pop(key, None)
+
+
+_PROCESS_WEIGHTS = ChannelWeights()
+_ACTIVE_WEIGHTS: ContextVar[ChannelWeights] = ContextVar("fc_edge_channel_weights",
+                                                         default=_PROCESS_WEIGHTS)
+
+
+@contextmanager
+def channel_weights_scope(registry: ChannelWeights) -> Iterator[ChannelWeights]:
+    """Make ``registry`` the one binding and decoding use in this thread (or task)."""
+    token = _ACTIVE_WEIGHTS.set(registry)
+    try:
+        yield registry
+    finally:
+        _ACTIVE_WEIGHTS.reset(token)
 
 
 def register_channel_weights(weights: torch.Tensor) -> int:
-    """Make a ``(D,)`` positive weight vector known to this process; returns its wire id.
-
-    Both ends of a session register the same vector (computed from the same model), and a
-    payload names the vector it was shaped with, so a receiver without it refuses the payload.
-    """
-    w = weights.detach().float().cpu().reshape(-1)
-    if w.numel() < 1 or not torch.isfinite(w).all() or (w <= 0).any():
-        raise ConfigError("channel weights must be a non-empty vector of positive finite numbers")
-    w16 = w.to(torch.float16).float()
-    # 14 bits of the CRC: a 2-byte varint (a full CRC32 would take 5 bytes of a 288-byte row)
-    key = (zlib.crc32(w16.to(torch.float16).numpy().tobytes()) & 0x3FFF) or 1
-    known = _CHANNEL_WEIGHTS.get(key)
-    if known is not None and not torch.equal(known, w16):
-        raise ConfigError(
-            f"two different channel-weight vectors share id {key}; "
-            "bind fewer models or split layers in one process"
-        )
-    _CHANNEL_WEIGHTS[key] = w16
-    return key
+    """Register ``weights`` in the active registry (see :class:`ChannelWeights`)."""
+    return _ACTIVE_WEIGHTS.get().register(weights)
 
 
 def channel_weights_by_id(key: int, D: int, device: torch.device) -> torch.Tensor:
-    w = _CHANNEL_WEIGHTS.get(key)
-    if w is None:
-        raise WireError(
-            f"payload is shaped with channel weights {key} this process does not know; "
-            "bind the codec to the same model on both ends"
-        )
-    if w.numel() != D:
-        raise WireError(f"channel weights {key} have {w.numel()} entries, the row has {D}")
-    return w.to(device)
+    return _ACTIVE_WEIGHTS.get().get(key, D, device)
 
 
 @register
@@ -359,6 +397,27 @@ class RotatedCodec(Codec):
         if self.ratio is not None:
             out["ratio"] = self.ratio
         return out
+
+    def expected_params(self, enc: Encoded) -> dict[str, int]:
+        D = enc.shape[-1] if enc.shape else 1
+        return {"transform": TRANSFORMS[self.transform],
+                "quantizer": QUANTIZERS[self.quantizer], "seed": self.seed,
+                "shaping": self.weights_id, "keep": D if self.keep is None else min(self.keep, D)}
+
+    def mismatch(self, enc: Encoded) -> str | None:
+        why = super().mismatch(enc)
+        if why is None and self.quantizer == "absmax" and enc.params.get("bits", 0) > self.bits:
+            # rate control may lower the width, never raise it
+            return f"bits = {enc.params['bits']}, this configuration sends at most {self.bits}"
+        numel = math.prod(enc.shape)
+        cap = (numel * torch.empty((), dtype=enc.dtype).element_size() / self.ratio
+               if self.ratio is not None else
+               numel * self.bits / 8 if self.quantizer == "uniform" else None)
+        if why is None and cap is not None and enc.params.get("code_bytes", 0) > cap:
+            # the uniform quantizer's width is a rate: its codes alone may not exceed it
+            return (f"{enc.params['code_bytes']} code bytes for {numel} values, above this "
+                    f"configuration's {math.floor(cap)}")
+        return why
 
     def cap_bytes(self, x: torch.Tensor) -> int | None:
         """Packed-bytes cap for ``x`` (header included), or None for no cap."""

@@ -43,6 +43,7 @@ import torch
 
 from fc_edge import wire
 from fc_edge.codecs import decode, get_codec
+from fc_edge.codecs.transform import channel_weights_scope
 from fc_edge.devices import dtype_name, resolve_device, resolve_dtype
 from fc_edge.errors import ConfigError, FcEdgeError, ModelError, WireError
 from fc_edge.models.tail import CacheFullError, Tail
@@ -103,7 +104,7 @@ class _Session:
     id: str
     peer: str
     engine: Any  # EngineSession
-    codecs: dict[str, Any]  # codec name -> the codec a payload of that name must match
+    codecs: list[Any]  # the session codec and the fallback: a payload must match one
     max_new_tokens: int
     eos: frozenset[int]
     label: str
@@ -173,9 +174,13 @@ class EdgeService:
         self.idle_timeout_s = idle_timeout_s
         self.open_timeout_s = open_timeout_s
         self.max_streams = max_streams
-        from fc_edge.codecs.transform import register_channel_weights
+        from fc_edge.codecs.transform import ChannelWeights
 
-        register_channel_weights(channel_weights(model, split_layer))  # decodes shaped payloads
+        # this model and split's noise-shaping vector, in a registry of the server's own (not
+        # the process's): binding session codecs and decoding payloads use it
+        self.channel_weights = channel_weights(model, split_layer)
+        self.weights = ChannelWeights()
+        self.weights.register(self.channel_weights)
         tail = Tail.from_hf(model, split_layer, device=self.device, dtype=self.dtype)
         block = 16
         # default: room for max_sessions sessions of max_seq_len positions, block-rounded
@@ -350,7 +355,8 @@ class EdgeService:
             config = json.loads(req.codec.config_json or "{}")
             if not isinstance(config, dict):
                 raise ConfigError("codec config_json must be a JSON object")
-            codec = get_codec(req.codec.name, **config)
+            with channel_weights_scope(self.weights):
+                codec = get_codec(req.codec.name, **config).bind(self.channel_weights)
             fallback = get_codec(FALLBACK_CODEC)
         except (ConfigError, ValueError, TypeError) as e:
             raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -382,7 +388,7 @@ class EdgeService:
                                f"{e}; retry later or ask for fewer positions") from None
         session = _Session(
             id=sid, peer=peer, engine=engine_session,
-            codecs={codec.name: codec, fallback.name: fallback},
+            codecs=[codec, fallback],
             max_new_tokens=req.max_new_tokens, eos=frozenset(int(t) for t in req.eos_token_ids),
             label=req.codec.name)
         self._sessions[sid] = session
@@ -442,34 +448,36 @@ class EdgeService:
         """Parse, check and decode one payload (on a worker thread): (S, D) activation, codec
         name, unpack and decode seconds."""
         t0 = time.perf_counter()
-        try:
-            enc = wire.unpack(payload, max_bytes=self.max_payload_bytes)
-        except WireError as e:
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"bad activation payload: {e}") from None
-        if enc.codec not in session.codecs:
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"payload codec {enc.codec!r} is not this session's codec "
-                               f"({', '.join(sorted(session.codecs))})")
-        if len(enc.shape) != 2 or enc.shape[1] != self.hidden_size:
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"activation must be (S, {self.hidden_size}), got shape "
-                               f"{enc.shape}")
-        rows = enc.shape[0]
-        if session.position + rows > session.engine.max_seq_len:
-            raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{rows} more positions exceed the session's "
-                               f"{session.engine.max_seq_len}")
-        t1 = time.perf_counter()
-        try:
-            x = decode(enc)
-        except (FcEdgeError, ValueError, RuntimeError) as e:
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"cannot decode the {enc.codec} payload: {e}") from None
-        if not bool(torch.isfinite(x).all()):
-            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"the {enc.codec} payload decodes to non-finite values (NaN or "
-                               "Inf); the device must send a finite activation")
+        with channel_weights_scope(self.weights):
+            try:
+                enc = wire.unpack(payload, max_bytes=self.max_payload_bytes)
+            except WireError as e:
+                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"bad activation payload: {e}") from None
+            if all(c.name != enc.codec for c in session.codecs):
+                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"payload codec {enc.codec!r} is not this session's codec "
+                                   f"({session.label}, or the {FALLBACK_CODEC} fallback)")
+            reasons = [c.mismatch(enc) for c in session.codecs]
+            if all(reasons):
+                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"the {enc.codec} payload is not of this session's "
+                                   f"configuration: {'; '.join(r for r in reasons if r)}")
+            if len(enc.shape) != 2 or enc.shape[1] != self.hidden_size:
+                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"activation must be (S, {self.hidden_size}), got shape "
+                                   f"{enc.shape}")
+            rows = enc.shape[0]
+            if session.position + rows > session.engine.max_seq_len:
+                raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{rows} more positions exceed the session's "
+                                   f"{session.engine.max_seq_len}")
+            t1 = time.perf_counter()
+            try:  # a payload that decodes to NaN or Inf is a WireError (checked in the codecs)
+                x = decode(enc)
+            except (FcEdgeError, ValueError, RuntimeError) as e:
+                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"cannot decode the {enc.codec} payload: {e}") from None
         return x, enc.codec, t1 - t0, time.perf_counter() - t1
 
 

@@ -336,19 +336,22 @@ def test_rotated_shaping_moves_noise_to_low_weight_channels():
 
 
 def test_rotated_shaped_payload_needs_the_same_weights():
-    from fc_edge.codecs.transform import _CHANNEL_WEIGHTS
+    from fc_edge.codecs.transform import ChannelWeights, channel_weights_scope
 
     x = torch.randn(4, 96)
     w = torch.linspace(0.5, 2.0, 96)
     data = wire.pack(get_codec("rotated").bind(w).encode(x))
     assert (decode(wire.unpack(data)) - x).norm() / x.norm() < 0.3  # 96-value rows, ~3.3 bits
-    key = wire.unpack(data).params["shaping"]
-    saved = _CHANNEL_WEIGHTS.pop(key)
-    try:
-        with pytest.raises(WireError, match="channel weights"):
-            wire.unpack(data)
-    finally:
-        _CHANNEL_WEIGHTS[key] = saved
+    # a receiver whose registry lacks the vector (another model's server) refuses the payload
+    with channel_weights_scope(ChannelWeights()), pytest.raises(WireError,
+                                                                 match="channel weights"):
+        wire.unpack(data)
+    # a registry of its own with the same vector decodes it as the process's registry does
+    shaped = decode(wire.unpack(data))
+    other = ChannelWeights()
+    other.register(w)
+    with channel_weights_scope(other):
+        assert torch.equal(decode(wire.unpack(data)), shaped)
     with pytest.raises(ConfigError):
         get_codec("rotated").bind(torch.zeros(96))
     assert get_codec("rotated", shaping="none").bind(w).weights_id == 0
@@ -486,3 +489,51 @@ def test_rotated_step_is_the_finest_that_fits():
         finer = int(((bits + 7) // 8).sum())
         coarse = wire.unpack(data).params["code_bytes"]
         assert len(data) - coarse + finer > x.numel() * 4 // 8  # step + 1 would not fit
+
+
+@pytest.mark.parametrize("spec", [
+    ("identity", {}), ("int8", {}), ("int4", {}), ("fp16", {}), ("quant", {"ratio": 6}),
+    ("fourier", {"ratio": 4}), ("topk", {"ratio": 4}), ("svd", {"ratio": 2}),
+    ("rotated", {}), ("rotated", {"quantizer": "absmax", "bits": 6}),
+    ("rotated", {"transform": "hadamard", "seed": 3, "keep": 40}),
+])
+def test_a_codec_accepts_its_own_payloads_for_any_shape(spec):
+    name, kw = spec
+    codec = get_codec(name, **kw)
+    for shape in [(1, 64), (7, 64), (16, 96)]:
+        try:
+            enc = codec.encode(torch.randn(shape, generator=torch.Generator().manual_seed(1)))
+        except BudgetError:
+            continue
+        assert codec.mismatch(wire.unpack(wire.pack(enc))) is None, (spec, shape)
+
+
+@pytest.mark.parametrize("sent, session, field", [
+    (("int8", {}), ("int4", {}), "bits"),
+    (("quant", {"bits": 8, "group_size": 16}), ("int8", {}), "group_size"),
+    (("fp16", {}), ("bf16", {}), "value_dtype"),
+    (("topk", {"ratio": 4, "value_dtype": "bfloat16"}), ("topk", {"ratio": 4}), "value_dtype"),
+    (("rotated", {"bits": 8}), ("rotated", {"bits": 4}), "code bytes"),
+    (("rotated", {"seed": 1}), ("rotated", {"seed": 2}), "seed"),
+    (("rotated", {"transform": "hadamard"}), ("rotated", {}), "transform"),
+    (("rotated", {"keep": 32}), ("rotated", {}), "keep"),
+    (("rotated", {"quantizer": "absmax", "bits": 8}),
+     ("rotated", {"quantizer": "absmax", "bits": 4}), "bits"),
+    (("int8", {}), ("rotated", {}), "codec"),
+])
+def test_a_payload_of_another_configuration_is_named(sent, session, field):
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    enc = wire.unpack(wire.pack(get_codec(sent[0], **sent[1]).encode(x)))
+    why = get_codec(session[0], **session[1]).mismatch(enc)
+    assert why is not None and field in why, why
+
+
+def test_identity_values_must_be_at_the_declared_dtype():
+    from fc_edge.codecs.base import Encoded
+
+    x = torch.randn(2, 8)
+    honest = Encoded("identity", {"value_dtype": 1}, (2, 8), torch.float32, {"x": x})
+    half = Encoded("identity", {"value_dtype": 2}, (2, 8), torch.float32, {"x": x.half()})
+    identity = get_codec("identity")
+    assert identity.mismatch(wire.unpack(wire.pack(honest))) is None
+    assert "value_dtype = 2" in identity.mismatch(wire.unpack(wire.pack(half)))
