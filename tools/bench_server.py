@@ -41,6 +41,30 @@ def start(args: argparse.Namespace, max_batch: int) -> tuple[subprocess.Popen, s
     return proc, line.split(" on ")[1].split()[0]
 
 
+def gemm_ceiling(hidden: int, intermediate: int, sessions: list[int], device: str) -> dict:
+    """How much cheaper a row gets in a batch on this device: N x time(1 row) / time(N rows) of
+    the MLP's up projection (D -> I), the bulk of a decode step's work. Batching decode steps
+    cannot beat this ratio where the forward is compute-bound."""
+    import torch
+
+    w = torch.randn(intermediate, hidden, device=device)
+    out = {}
+    for n in sorted({1, *sessions}):
+        x = torch.randn(n, hidden, device=device)
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+        reps = 50
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.nn.functional.linear(x, w)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out[n] = (time.perf_counter() - t0) / reps
+    return {n: n * out[1] / out[n] for n in out}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -69,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{device_name(resolve_device(args.device))} ({info.device}, {info.dtype}); "
               f"{args.tokens} new tokens per session after a {args.prompt_len}-row prefill, "
               "identity codec, loopback")
+        ceiling = gemm_ceiling(info.hidden_size, 4 * info.hidden_size, args.sessions,
+                               str(resolve_device(args.device)))
+        print("row-batching ceiling of this device (N x time of a 1-row D->4D product / time of "
+              "an N-row one): " + ", ".join(f"N={n}: {c:.1f}x" for n, c in ceiling.items()))
         for m in modes:  # warm-up: first forwards pay one-off costs
             run_load(servers[m][1], info.model_fingerprint, info.split_layer, info.hidden_size,
                      2, 4, args.prompt_len)
