@@ -16,6 +16,7 @@ pytest.importorskip("ray.serve", reason="the fleet needs ray[serve] (make instal
 
 from test_client import hf_greedy  # noqa: E402 - tests/runtime is on sys.path
 from test_server import wait_for  # noqa: E402
+from together import run_together  # noqa: E402
 
 from fc_edge.runtime.client import DeviceClient, SessionError  # noqa: E402
 from fc_edge.runtime.fleet import APP_NAME, start_fleet  # noqa: E402
@@ -62,26 +63,13 @@ def cases(tiny_llama) -> list[tuple[torch.Tensor, list[int]]]:
 
 def run_concurrently(fleet, model, jobs, on_token=None) -> list:
     """One client and thread per prompt, started together; results in order."""
-    results: list = [None] * len(jobs)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(jobs))
 
-    def run(i: int) -> None:
-        try:
-            with DeviceClient(fleet.address, model, LAYER, "identity", token=TOKEN) as client:
-                barrier.wait()
-                hook = (lambda k, t, s: on_token(i, k, t, s)) if on_token else None
-                results[i] = client.generate(jobs[i], N, eos_token_id=None, on_token=hook)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def run(i: int):
+        with DeviceClient(fleet.address, model, LAYER, "identity", token=TOKEN) as client:
+            hook = (lambda k, t, s: on_token(i, k, t, s)) if on_token else None
+            return client.generate(jobs[i], N, eos_token_id=None, on_token=hook)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    return results
+    return run_together(len(jobs), run, timeout=120)
 
 
 def replica_of(session_id: str) -> str:

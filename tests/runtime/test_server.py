@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from together import run_together  # tests/runtime is on sys.path (pytest rootdir mode)
 
 from fc_edge.runtime.client import DeviceClient, SessionError
 from fc_edge.runtime.proto import pb2, pb2_grpc
@@ -59,25 +60,12 @@ def test_concurrent_sessions_match_alone(server, tiny_llama):
     jobs = [(p, codecs[i % 4]) for i, p in enumerate(prompts(8))]
     clients = {c: DeviceClient(server.address, tiny_llama, LAYER, c) for c in codecs}
     alone = [clients[c].generate(p, 24, eos_token_id=None).token_ids for p, c in jobs]
-    together: list[list[int] | None] = [None] * len(jobs)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(jobs))
 
-    def run(i: int) -> None:
-        try:
-            client = DeviceClient(server.address, tiny_llama, LAYER, jobs[i][1])
-            barrier.wait()
-            together[i] = client.generate(jobs[i][0], 24, eos_token_id=None).token_ids
-            client.close()
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def run(i: int) -> list[int]:
+        with DeviceClient(server.address, tiny_llama, LAYER, jobs[i][1]) as client:
+            return client.generate(jobs[i][0], 24, eos_token_id=None).token_ids
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    together = run_together(len(jobs), run)
     assert together == alone
     assert all(len(t) == 24 for t in alone)
     assert wait_for(lambda: server.active_sessions() == 0)

@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 import torch
+from together import run_together  # tests/runtime is on sys.path (pytest rootdir mode)
 
 from fc_edge import wire
 from fc_edge.codecs.base import Encoded
@@ -39,27 +40,15 @@ def reference(model, ids: torch.Tensor, n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def run_together(address: str, model, jobs: list[torch.Tensor], n: int, layer: int,
-                 **client_kw) -> list[list[int] | None]:
-    together: list[list[int] | None] = [None] * len(jobs)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(jobs))
+def generate_together(address: str, model, jobs: list[torch.Tensor], n: int, layer: int,
+                      **client_kw) -> list[list[int]]:
+    """Greedy identity sessions of every prompt at once, EOS off."""
 
-    def run(i: int) -> None:
-        try:
-            with DeviceClient(address, model, layer, "identity", **client_kw) as client:
-                barrier.wait()
-                together[i] = client.generate(jobs[i], n, eos_token_id=None).token_ids
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def run(i: int) -> list[int]:
+        with DeviceClient(address, model, layer, "identity", **client_kw) as client:
+            return client.generate(jobs[i], n, eos_token_id=None).token_ids
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not errors, errors
-    return together
+    return run_together(len(jobs), run)
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
@@ -71,7 +60,7 @@ def test_sixteen_batched_sessions_equal_solo_and_generate(request, name):
     with start_server(model, LAYER, port=0, max_sessions=16) as handle:
         with DeviceClient(handle.address, model, LAYER, "identity") as client:
             solo = [client.generate(p, n, eos_token_id=None).token_ids for p in jobs]
-        together = run_together(handle.address, model, jobs, n, LAYER)
+        together = generate_together(handle.address, model, jobs, n, LAYER)
         info = handle.service.status()
     assert together == solo
     assert solo == [reference(model, p, n) for p in jobs]
@@ -84,7 +73,7 @@ def test_smollm2_batched_sessions_equal_generate(smollm2):
     jobs = prompts(16, 3, 30, seed=1)
     n = 12
     with start_server(model, 1, port=0, max_sessions=16, max_seq_len=64) as handle:
-        together = run_together(handle.address, model, jobs, n, 1)
+        together = generate_together(handle.address, model, jobs, n, 1)
     assert together == [reference(model, p, n) for p in jobs]
 
 
@@ -93,7 +82,7 @@ def test_long_prefill_is_chunked_between_decode_steps(tiny_llama):
     short, long = prompts(1, 4, 5)[0], torch.randint(1, 200, (300,),
                                                      generator=torch.Generator().manual_seed(4))
     with start_server(tiny_llama, LAYER, port=0, prefill_chunk=32, max_seq_len=400) as handle:
-        got = run_together(handle.address, tiny_llama, [short, long], 16, LAYER)
+        got = generate_together(handle.address, tiny_llama, [short, long], 16, LAYER)
         iterations = handle.service.engine.stats().iterations
     assert got == [reference(tiny_llama, short, 16), reference(tiny_llama, long, 16)]
     assert iterations >= 300 // 32  # the long prompt took several iterations
