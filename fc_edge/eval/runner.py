@@ -10,6 +10,7 @@ continuation positions.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -20,10 +21,10 @@ import torch
 from torch import Tensor
 
 from fc_edge.errors import ConfigError
-from fc_edge.eval.forward import LayerStack, pad_batch
+from fc_edge.eval.forward import LayerStack, PrefixCache, pad_batch
 from fc_edge.eval.scoring import ItemScore, Tally, mean_over_tasks
 from fc_edge.eval.settings import CodecSetting, relative_error
-from fc_edge.eval.tasks import encode_item, load_task
+from fc_edge.eval.tasks import Encoded, encode_item, load_task
 
 
 def _progress(iterable: Any, desc: str, total: int | None, enabled: bool) -> Any:
@@ -108,83 +109,345 @@ def _forward_keeping(stack: Any, ids: Tensor, layers: Sequence[int]
     return stack.run(h, ctx, prev, stack.num_layers), ctx, kept
 
 
+def _cont_logliks(stack: LayerStack, last: Tensor, hk: Tensor, toks: Tensor,
+                  klen: Sequence[int]) -> list[float]:
+    """Summed log-probabilities of B continuations after a shared prefix.
+
+    ``last`` (D,): the prefix's final hidden state at its last position (predicts each
+    continuation's first token); ``hk`` (B, K, D): the continuation pass; ``toks`` (B, K) long;
+    ``klen``: each row's continuation length.
+    """
+    rows = torch.cat([torch.full((k - 1,), r) for r, k in enumerate(klen)])
+    cols = torch.cat([torch.arange(k - 1) for k in klen])
+    first = stack.logits_at(last[None, None], torch.zeros(1, dtype=torch.long),
+                            torch.zeros(1, dtype=torch.long))
+    lp_first = torch.log_softmax(first.double(), -1)[0]
+    rest = stack.logits_at(hk, rows, cols) if len(rows) else first[:0]
+    lp = torch.log_softmax(rest.double(), -1)
+    tail_toks = torch.cat([toks[r, 1:k] for r, k in enumerate(klen)])
+    lp_rest = lp.gather(1, tail_toks.view(-1, 1)).view(-1).split([k - 1 for k in klen])
+    return [float(lp_first[toks[r, 0]]) + float(x.sum()) for r, x in enumerate(lp_rest)]
+
+
+def _shared_tail(stack: LayerStack, ctx_rows: Tensor, conts: Sequence[Tensor], start: int
+                 ) -> tuple[Tensor, Tensor, list[int]]:
+    """Layers ``start..N-1`` over one shared prefix ``ctx_rows`` (1, C, D) once, then over the
+    continuation rows (each (K_i, D)) as one right-padded batch attending to that prefix.
+
+    Returns (the prefix's last final hidden state (D,), the continuation pass (B, K, D), K_i).
+    """
+    cache = PrefixCache()
+    h = stack.run(ctx_rows, stack.context(ctx_rows), start, stack.num_layers, cache)
+    cache.extend = True
+    klen = [int(c.shape[0]) for c in conts]
+    hk = ctx_rows.new_zeros(len(conts), max(klen), ctx_rows.shape[-1])
+    for r, c in enumerate(conts):
+        hk[r, : c.shape[0]] = c
+    hk = stack.run(hk, stack.continuation(ctx_rows.shape[1], hk), start, stack.num_layers, cache)
+    return h[0, -1], hk, klen
+
+
+def _new_stats() -> dict[str, Any]:
+    return {"ll": [], "bytes": 0, "raw": 0, "err": 0.0, "seqs": 0, "fb": 0}
+
+
+def _count(st: dict[str, Any], x: Tensor, x_hat: Tensor, nbytes: int, fell_back: bool) -> None:
+    st["bytes"] += nbytes
+    st["raw"] += x.numel() * 4
+    st["err"] += relative_error(x, x_hat)
+    st["seqs"] += 1
+    st["fb"] += int(fell_back)
+
+
+def _raw_stats(lengths: Sequence[int], hidden: int, logliks: list[float]) -> dict[str, Any]:
+    raw = sum(n * hidden * 4 for n in lengths)
+    return {"ll": logliks, "bytes": raw, "raw": raw, "err": 0.0, "seqs": len(lengths), "fb": 0}
+
+
+def score_item_per_choice(stack: LayerStack, model: Any, enc: Encoded, layers: Sequence[int],
+                          settings: Sequence[CodecSetting], pad_id: int) -> dict[str, Any]:
+    """One item, every choice's whole sequence through all layers (the reference path).
+
+    Returns ``{"ref": logliks, "s": {"L:label": stats}}`` where stats hold the per-choice
+    log-likelihoods ``ll`` and the bytes of the messages sent.
+    """
+    ids, lengths = pad_batch(enc.sequences, pad_id)
+    rows, cols, toks, counts = _gather_targets(ids, lengths, enc.starts)
+    h, ctx, kept = _forward_keeping(stack, ids, layers)
+    ref = _logliks(stack, h, rows, cols, toks, counts)
+    out: dict[str, Any] = {"ref": ref, "s": {}}
+    for L in layers:
+        for s in settings:
+            key = f"{L}:{s.label}"
+            if s.codec is None:
+                out["s"][key] = _raw_stats(lengths, stack.hidden_size, ref)
+                continue
+            s.bind(model, L)
+            st = _new_stats()
+            a_hat = kept[L].clone()
+            for r, n in enumerate(lengths):
+                x = kept[L][r, :n]
+                x_hat, nbytes, fb = s.send(x)
+                a_hat[r, :n] = x_hat
+                _count(st, x, x_hat, nbytes, fb)
+            hh = stack.run(a_hat, ctx, L, stack.num_layers)
+            st["ll"] = _logliks(stack, hh, rows, cols, toks, counts)
+            out["s"][key] = st
+    return out
+
+
+def score_item_shared(stack: LayerStack, model: Any, enc: Encoded, layers: Sequence[int],
+                      settings: Sequence[CodecSetting]) -> dict[str, Any]:
+    """One item with the shared context run once (same result as :func:`score_item_per_choice`
+    up to float rounding).
+
+    The choices that share a context (the task's prompt) share its forward: the layers run over
+    the context once with a key/value cache, then over all continuations as one batch. A codec
+    still codes each choice's whole (S, D) sequence as one message, exactly as the device would
+    send it; the tail then runs over the coded context once for every group of choices whose
+    coded context rows are bit-identical (all choices for a codec that codes rows on their own
+    with a fixed quantizer; choices whose rate control picked the same step for ``rotated``;
+    none for whole-block codecs, which then cost what the per-choice path costs).
+    """
+    seqs, starts = enc.sequences, enc.starts
+    n = len(seqs)
+    N = stack.num_layers
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (seq, st) in enumerate(zip(seqs, starts, strict=True)):
+        groups.setdefault(tuple(seq[:st]), []).append(i)
+    ref: list[float] = [0.0] * n
+    acts: dict[int, list[Tensor]] = {L: [torch.empty(0)] * n for L in layers}
+    for ctx_ids, members in groups.items():
+        c = len(ctx_ids)
+        cache = PrefixCache()
+        h, ctx = stack.start(torch.tensor([ctx_ids]))
+        kept_c: dict[int, Tensor] = {}
+        prev = 0
+        for L in layers:
+            h = stack.run(h, ctx, prev, L, cache)
+            kept_c[L] = h
+            prev = L
+        h = stack.run(h, ctx, prev, N, cache)
+        cache.extend = True
+        kid, klen = pad_batch([seqs[i][c:] for i in members], 0)
+        hk = stack.base.embed_tokens(kid.to(stack.device))
+        kctx = stack.continuation(c, hk)
+        kept_k: dict[int, Tensor] = {}
+        prev = 0
+        for L in layers:
+            hk = stack.run(hk, kctx, prev, L, cache)
+            kept_k[L] = hk
+            prev = L
+        hk = stack.run(hk, kctx, prev, N, cache)
+        for j, ll in enumerate(_cont_logliks(stack, h[0, -1], hk, kid, klen)):
+            i = members[j]
+            ref[i] = ll
+            for L in layers:
+                acts[L][i] = torch.cat([kept_c[L][0], kept_k[L][j, : klen[j]]])
+    lengths = [len(s) for s in seqs]
+    out: dict[str, Any] = {"ref": ref, "s": {}}
+    for L in layers:
+        for s in settings:
+            key = f"{L}:{s.label}"
+            if s.codec is None:
+                out["s"][key] = _raw_stats(lengths, stack.hidden_size, ref)
+                continue
+            s.bind(model, L)
+            st = _new_stats()
+            coded = []
+            for i in range(n):
+                x_hat, nbytes, fb = s.send(acts[L][i])
+                coded.append(x_hat)
+                _count(st, acts[L][i], x_hat, nbytes, fb)
+            ll: list[float] = [0.0] * n
+            for ctx_ids, members in groups.items():
+                c = len(ctx_ids)
+                sub: list[list[int]] = []  # choices whose coded context rows are identical
+                for i in members:
+                    for g in sub:
+                        if torch.equal(coded[g[0]][:c], coded[i][:c]):
+                            g.append(i)
+                            break
+                    else:
+                        sub.append([i])
+                for g in sub:
+                    last, hk, klen = _shared_tail(stack, coded[g[0]][:c][None],
+                                                  [coded[i][c:] for i in g], L)
+                    toks, _ = pad_batch([seqs[i][c:] for i in g], 0)
+                    for i, v in zip(g, _cont_logliks(stack, last, hk, toks, klen), strict=True):
+                        ll[i] = v
+            st["ll"] = ll
+            out["s"][key] = st
+    return out
+
+
+def _records_header(tasks: Sequence[str], layers: Sequence[int],
+                    settings: Sequence[CodecSetting], limit: int | None) -> dict[str, Any]:
+    return {"header": 1, "tasks": list(tasks), "split_layers": list(layers),
+            "settings": [s.label for s in settings], "limit": limit}
+
+
+def _read_records(path: Path, header: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Items already scored in a records file (JSON lines) of the same run; the run resumes
+    after them. A file of another run (other settings or layers) is refused."""
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    if not path.is_file() or path.stat().st_size == 0:
+        return done
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    try:
+        first = json.loads(lines[0])
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path}: not a records file of `fc-edge eval`") from None
+    if {k: first.get(k) for k in ("split_layers", "settings")} != {
+            k: header[k] for k in ("split_layers", "settings")}:
+        raise ConfigError(f"{path} holds a run with other settings or split layers "
+                          f"({first.get('settings')} at {first.get('split_layers')}); give "
+                          "another --records file")
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by an interrupted run: score that item again
+        done[(rec["task"], int(rec["idx"]))] = rec
+    return done
+
+
+def summarize(records: dict[str, list[dict[str, Any]]], layers: Sequence[int],
+              settings: Sequence[CodecSetting]) -> dict[str, Any]:
+    """Tables and paired statistics from per-item records (``records[task]``)."""
+    from fc_edge.eval import stats
+
+    results: dict[str, Any] = {}
+    for L in layers:
+        per_layer: dict[str, Any] = {}
+        ref_items = {t: [_decisions(r["ref"], r) for r in recs] for t, recs in records.items()}
+        for s in settings:
+            key = f"{L}:{s.label}"
+            per_task = {}
+            mine = {}
+            for task, recs in records.items():
+                t = Tally()
+                mine[task] = []
+                for r in recs:
+                    st = r["s"][key]
+                    ref = ItemScore(r["ref"], r["chars"], r["label"])
+                    t.add(ItemScore(st["ll"], r["chars"], r["label"]), ref)
+                    t.add_bytes(st["bytes"], st["raw"], st["err"], st["fb"], st["seqs"])
+                    mine[task].append(_decisions(st["ll"], r))
+                res = t.result()
+                for m in ("acc", "acc_norm"):
+                    res[f"{m}_stderr"] = stats.lm_eval_stderr([d[m] for d in mine[task]])
+                per_task[task] = res
+            entry: dict[str, Any] = {"codec": s.name, "config": s.config,
+                                     "row_wise": s.row_wise, "tasks": per_task,
+                                     "mean": mean_over_tasks(per_task)}
+            if s.codec is not None and any(records.values()):
+                entry["stats"] = {m: stats.accuracy_comparison(ref_items, mine, m)
+                                  for m in ("acc", "acc_norm")}
+                # in points (percent of items), as in the tables
+                acc = entry["stats"]["acc"]
+                entry["delta"] = 100 * acc["delta"]
+                entry["delta_ci95"] = [100 * v for v in acc["delta_ci95"]]
+                entry["mcnemar_p"] = acc["mcnemar_p"]
+                entry["agreement_ci95"] = [100 * v for v in acc["agreement_ci95"]]
+            per_layer[s.label] = entry
+        results[str(L)] = per_layer
+    return results
+
+
+def _decisions(logliks: list[float], rec: dict[str, Any]) -> dict[str, Any]:
+    sc = ItemScore(logliks, rec["chars"], rec["label"])
+    return {"acc": sc.acc, "acc_norm": sc.acc_norm, "pred": sc.pred}
+
+
 def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequence[CodecSetting],
              split_layers: Sequence[int] = (1,), limit: int | None = None,
              data_dir: Path | None = None, max_len: int | None = 2048,
              progress: bool = True, log: Callable[[str], None] | None = None,
-             record_items: bool = False) -> dict[str, Any]:
+             record_items: bool = False, records: Path | None = None,
+             shared_context: bool = True) -> dict[str, Any]:
     """Multiple-choice scores of every (split layer, codec setting) on ``tasks``.
 
     Returns a JSON-ready dict: ``results[layer][label]["tasks"][task]`` -> metrics (``acc``,
-    ``acc_norm``, ``agreement``, ``kl``, ``bytes``, ...) and ``["mean"]`` over tasks, plus per
-    task the item count and items per second. ``record_items`` also keeps every item's
-    per-choice log-likelihoods: ``results[layer][label]["items"][task]`` -> list of lists.
+    ``acc_norm``, their lm-eval standard errors, ``agreement``, ``kl``, ``bytes``, ...) and
+    ``["mean"]`` over tasks; each compressed setting also carries ``delta`` and ``delta_ci95``
+    (mean acc change in points and its 95% interval), ``mcnemar_p`` and ``stats`` (see
+    :mod:`fc_edge.eval.stats`). ``record_items`` adds the per-item records (``items[task]``:
+    label, choice lengths, per setting the per-choice log-likelihoods and bytes).
+    ``records``: a JSON-lines file that gets every item as it is scored; a run given the same
+    file again skips the items already there (resume). ``shared_context`` (default) runs each
+    item's shared context once (:func:`score_item_shared`); False runs every choice's whole
+    sequence (:func:`score_item_per_choice`, the slower reference path).
     """
     stack = LayerStack(model)
     layers = check_layers(stack, split_layers)
     encode, eos = _encoder(tokenizer)
     pad_id = eos if eos is not None else 0
-    tallies: dict[tuple[int, str, str], Tally] = {}
+    shared = shared_context and stack.can_share_prefix
+    header = _records_header(tasks, layers, settings, limit)
+    done = _read_records(Path(records), header) if records is not None else {}
+    sink = None
+    if records is not None:
+        Path(records).parent.mkdir(parents=True, exist_ok=True)
+        fresh = not Path(records).is_file() or Path(records).stat().st_size == 0
+        sink = open(records, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+        if fresh:
+            sink.write(json.dumps(header) + "\n")
+    by_task: dict[str, list[dict[str, Any]]] = {}
     timing: dict[str, dict[str, float]] = {}
     t_all = time.perf_counter()
-    for task in tasks:
-        items = load_task(task, data_dir, limit)
-        t0 = time.perf_counter()
-        ref_tally = Tally()
+    scored = 0
+    try:
+        for task in tasks:
+            items = load_task(task, data_dir, limit)
+            t0 = time.perf_counter()
+            recs: list[dict[str, Any]] = []
+            new = 0
+            with torch.inference_mode():
+                for idx, item in enumerate(_progress(items, task, len(items), progress)):
+                    rec = done.get((task, idx))
+                    if rec is None:
+                        enc = encode_item(item, encode, prefix_id=eos, max_len=max_len)
+                        got = (score_item_shared(stack, model, enc, layers, settings) if shared
+                               else score_item_per_choice(stack, model, enc, layers, settings,
+                                                          pad_id))
+                        rec = {"task": task, "idx": idx, "id": item.id, "label": item.label,
+                               "chars": list(enc.cont_chars), **got}
+                        new += 1
+                        if sink is not None:
+                            sink.write(json.dumps(rec) + "\n")
+                            sink.flush()
+                    recs.append(rec)
+            dt = time.perf_counter() - t0
+            scored += new
+            by_task[task] = recs
+            timing[task] = {"items": len(items), "scored": new, "seconds": dt,
+                            "items_per_s": new / dt if dt else 0.0}
+            if log is not None:
+                ref_acc = sum(_decisions(r["ref"], r)["acc"] for r in recs) / len(recs)
+                log(f"{task}: {len(items)} items ({new} scored now) in {dt:.1f} s "
+                    f"({new / dt if dt else 0:.2f} items/s), uncompressed acc {ref_acc:.3f}")
+    finally:
+        if sink is not None:
+            sink.close()
+    results = summarize(by_task, layers, settings)
+    if record_items:
         for L in layers:
             for s in settings:
-                tallies[(L, s.label, task)] = Tally()
-        with torch.inference_mode():
-            for item in _progress(items, task, len(items), progress):
-                enc = encode_item(item, encode, prefix_id=eos, max_len=max_len)
-                ids, lengths = pad_batch(enc.sequences, pad_id)
-                rows, cols, toks, counts = _gather_targets(ids, lengths, enc.starts)
-                h, ctx, kept = _forward_keeping(stack, ids, layers)
-                ref = ItemScore(_logliks(stack, h, rows, cols, toks, counts),
-                                list(enc.cont_bytes), item.label)
-                ref_tally.add(ref, ref)
-                for L in layers:
-                    for s in settings:
-                        s.bind(model, L)
-                        t = tallies[(L, s.label, task)]
-                        if s.codec is None:
-                            t.add(ref, ref)
-                            if record_items:
-                                t.items.append(ref.logliks)
-                            for n in lengths:
-                                t.add_bytes(n * stack.hidden_size * 4, n * stack.hidden_size * 4,
-                                            0.0)
-                            continue
-                        a_hat = send_rows(s, kept[L], lengths, t)
-                        hh = stack.run(a_hat, ctx, L, stack.num_layers)
-                        score = ItemScore(_logliks(stack, hh, rows, cols, toks, counts),
-                                          list(enc.cont_bytes), item.label)
-                        t.add(score, ref)
-                        if record_items:
-                            t.items.append(score.logliks)
-        dt = time.perf_counter() - t0
-        timing[task] = {"items": len(items), "seconds": dt, "items_per_s": len(items) / dt}
-        ref_r = ref_tally.result()
-        if log is not None:
-            log(f"{task}: {len(items)} items in {dt:.1f} s ({len(items) / dt:.2f} items/s), "
-                f"uncompressed acc {ref_r['acc']:.3f} acc_norm {ref_r['acc_norm']:.3f}")
-    results: dict[str, Any] = {}
-    for L in layers:
-        per_layer: dict[str, Any] = {}
-        for s in settings:
-            per_task = {task: tallies[(L, s.label, task)].result() for task in tasks}
-            per_layer[s.label] = {"codec": s.name, "config": s.config, "row_wise": s.row_wise,
-                                  "tasks": per_task, "mean": mean_over_tasks(per_task)}
-            if record_items:
-                per_layer[s.label]["items"] = {task: tallies[(L, s.label, task)].items
-                                               for task in tasks}
-        results[str(L)] = per_layer
-    total_items = sum(t["items"] for t in timing.values())
+                results[str(L)][s.label]["items"] = {
+                    t: [r["s"][f"{L}:{s.label}"]["ll"] for r in recs]
+                    for t, recs in by_task.items()}
     elapsed = time.perf_counter() - t_all
-    return {"kind": "accuracy", "tasks": list(tasks), "split_layers": layers,
-            "settings": [s.label for s in settings], "limit": limit, "results": results,
-            "timing": {"tasks": timing, "items": total_items, "seconds": elapsed,
-                       "items_per_s": total_items / elapsed if elapsed else 0.0}}
+    out = {"kind": "accuracy", "tasks": list(tasks), "split_layers": layers,
+           "settings": [s.label for s in settings], "limit": limit, "results": results,
+           "shared_context": shared,
+           "timing": {"tasks": timing, "items": sum(len(r) for r in by_task.values()),
+                      "scored": scored, "seconds": elapsed,
+                      "items_per_s": scored / elapsed if elapsed else 0.0}}
+    if record_items:
+        out["records"] = by_task
+    return out
 
 
 def read_documents(path: Path, limit: int | None = None) -> list[str]:

@@ -137,7 +137,7 @@ class Encoded:
 
     sequences: tuple[tuple[int, ...], ...]
     starts: tuple[int, ...]   # index of the first continuation token in each sequence
-    cont_bytes: tuple[int, ...]  # UTF-8 length of each choice (acc_norm), no delimiter space
+    cont_chars: tuple[int, ...]  # characters of each choice (acc_norm), no delimiter space
 
 
 def encode_item(item: Item, encode: Callable[[str], list[int]], prefix_id: int | None = None,
@@ -146,7 +146,7 @@ def encode_item(item: Item, encode: Callable[[str], list[int]], prefix_id: int |
     tokens past ``len(encode(context))`` as the continuation (trailing spaces of the context move
     to the continuation first). An empty context gets ``prefix_id`` in front. ``max_len`` cuts
     tokens from the left (the continuation is always kept)."""
-    seqs, starts, nbytes = [], [], []
+    seqs, starts, nchars = [], [], []
     for ctx, cont in zip(item.contexts, item.continuations, strict=True):
         n_space = len(ctx) - len(ctx.rstrip())
         if n_space:
@@ -166,6 +166,6 @@ def encode_item(item: Item, encode: Callable[[str], list[int]], prefix_id: int |
             seq = seq[len(seq) - max_len:]
         seqs.append(tuple(seq))
         starts.append(max(1, len(seq) - len(cont_ids)))  # the first token is never predicted
-        # lm-evaluation-harness divides by the choice's own length (no leading delimiter space)
-        nbytes.append(len(item.continuations[len(seqs) - 1].removeprefix(" ").encode("utf-8")))
-    return Encoded(tuple(seqs), tuple(starts), tuple(nbytes))
+        # lm-evaluation-harness divides by len(choice): characters, no leading delimiter space
+        nchars.append(len(item.continuations[len(seqs) - 1].removeprefix(" ")))
+    return Encoded(tuple(seqs), tuple(starts), tuple(nchars))

@@ -33,8 +33,8 @@ def test_acc_is_argmax_of_summed_loglik_first_on_ties():
     assert s.acc == 1.0 and s.pred == 1
 
 
-def test_acc_norm_divides_by_bytes_and_can_flip():
-    # choice 0: -4 over 2 bytes = -2/byte; choice 1: -6 over 12 bytes = -0.5/byte
+def test_acc_norm_divides_by_length_and_can_flip():
+    # choice 0: -4 over 2 characters = -2/char; choice 1: -6 over 12 characters = -0.5/char
     s = ItemScore([-4.0, -6.0], [2, 12], label=1)
     assert s.pred == 0 and s.acc == 0.0
     assert s.pred_norm == 1 and s.acc_norm == 1.0

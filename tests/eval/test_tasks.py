@@ -32,14 +32,16 @@ def test_winogrande_partial_scoring():
     assert item.continuations == (" won.", " won.")
 
 
-def test_encode_continuation_tokens_and_bytes():
-    rec = {"question": "Q", "choices": ["yes", "no"], "label": 0}
+def test_encode_continuation_tokens_and_characters():
+    rec = {"question": "Q", "choices": ["yes", "café"], "label": 0}
     item = item_from_record("arc_easy", rec)
     enc = encode_item(item, words)
     ctx = "Question: Q\nAnswer:"
     assert enc.sequences[0] == tuple(words(ctx + " yes"))
     assert enc.starts == (len(ctx), len(ctx))
-    assert enc.cont_bytes == (3, 2)  # the choice itself, without the delimiter space
+    # lm-eval's acc_norm divides by len(choice): characters ("café" is 4, not its 5 UTF-8
+    # bytes), without the delimiter space
+    assert enc.cont_chars == (3, 4)
 
 
 def test_trailing_context_space_moves_to_continuation():
