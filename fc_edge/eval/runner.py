@@ -281,36 +281,53 @@ def score_item_shared(stack: LayerStack, model: Any, enc: Encoded, layers: Seque
     return out
 
 
-def _records_header(tasks: Sequence[str], layers: Sequence[int],
-                    settings: Sequence[CodecSetting], limit: int | None) -> dict[str, Any]:
-    return {"header": 1, "tasks": list(tasks), "split_layers": list(layers),
-            "settings": [s.label for s in settings], "limit": limit}
+class Records:
+    """Per-item (or per-document) records of one run as JSON lines, written as they are made.
 
+    The first line describes the run (``run``: settings, layers, ...); given the same file
+    again, a run of the same description resumes after the records already there, and a file
+    of another run is refused with a :class:`ConfigError`. ``path`` None keeps nothing.
+    """
 
-def _read_records(path: Path, header: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
-    """Items already scored in a records file (JSON lines) of the same run; the run resumes
-    after them. A file of another run (other settings or layers) is refused."""
-    done: dict[tuple[str, int], dict[str, Any]] = {}
-    if not path.is_file() or path.stat().st_size == 0:
-        return done
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    try:
-        first = json.loads(lines[0])
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path}: not a records file of `fc-edge eval`") from None
-    if {k: first.get(k) for k in ("split_layers", "settings")} != {
-            k: header[k] for k in ("split_layers", "settings")}:
-        raise ConfigError(f"{path} holds a run with other settings or split layers "
-                          f"({first.get('settings')} at {first.get('split_layers')}); give "
-                          "another --records file")
-    for line in lines[1:]:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by an interrupted run: score that item again
-        done[(rec["task"], int(rec["idx"]))] = rec
-    return done
+    def __init__(self, path: Path | None, run: dict[str, Any]) -> None:
+        self.done: dict[tuple[str, int], dict[str, Any]] = {}
+        self.sink: Any = None
+        if path is None:
+            return
+        path = Path(path)
+        if path.is_file() and path.stat().st_size:
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
+            try:
+                first = json.loads(lines[0])["run"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(f"{path}: not a records file of `fc-edge eval`") from None
+            if first != run:
+                raise ConfigError(f"{path} holds another run ({first}); give another --records "
+                                  "file or the same settings")
+            for line in lines[1:]:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by an interrupted run: that item is scored again
+                self.done[(rec.get("task", ""), int(rec["idx"]))] = rec
+            self.sink = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.sink = open(path, "w", encoding="utf-8")  # noqa: SIM115
+            self.sink.write(json.dumps({"run": run}) + "\n")
+
+    def get(self, task: str, idx: int) -> dict[str, Any] | None:
+        return self.done.get((task, idx))
+
+    def add(self, rec: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink.write(json.dumps(rec) + "\n")
+            self.sink.flush()
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
 
 
 def summarize(records: dict[str, list[dict[str, Any]]], layers: Sequence[int],
@@ -385,15 +402,8 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
     encode, eos = _encoder(tokenizer)
     pad_id = eos if eos is not None else 0
     shared = shared_context and stack.can_share_prefix
-    header = _records_header(tasks, layers, settings, limit)
-    done = _read_records(Path(records), header) if records is not None else {}
-    sink = None
-    if records is not None:
-        Path(records).parent.mkdir(parents=True, exist_ok=True)
-        fresh = not Path(records).is_file() or Path(records).stat().st_size == 0
-        sink = open(records, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
-        if fresh:
-            sink.write(json.dumps(header) + "\n")
+    sink = Records(records, {"kind": "accuracy", "split_layers": layers,
+                             "settings": [s.label for s in settings], "max_len": max_len})
     by_task: dict[str, list[dict[str, Any]]] = {}
     timing: dict[str, dict[str, float]] = {}
     t_all = time.perf_counter()
@@ -406,7 +416,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
             new = 0
             with torch.inference_mode():
                 for idx, item in enumerate(_progress(items, task, len(items), progress)):
-                    rec = done.get((task, idx))
+                    rec = sink.get(task, idx)
                     if rec is None:
                         enc = encode_item(item, encode, prefix_id=eos, max_len=max_len)
                         got = (score_item_shared(stack, model, enc, layers, settings) if shared
@@ -415,9 +425,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
                         rec = {"task": task, "idx": idx, "id": item.id, "label": item.label,
                                "chars": list(enc.cont_chars), **got}
                         new += 1
-                        if sink is not None:
-                            sink.write(json.dumps(rec) + "\n")
-                            sink.flush()
+                        sink.add(rec)
                     recs.append(rec)
             dt = time.perf_counter() - t0
             scored += new
@@ -429,8 +437,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
                 log(f"{task}: {len(items)} items ({new} scored now) in {dt:.1f} s "
                     f"({new / dt if dt else 0:.2f} items/s), uncompressed acc {ref_acc:.3f}")
     finally:
-        if sink is not None:
-            sink.close()
+        sink.close()
     results = summarize(by_task, layers, settings)
     if record_items:
         for L in layers:
@@ -469,85 +476,119 @@ def read_documents(path: Path, limit: int | None = None) -> list[str]:
 def perplexity(model: Any, tokenizer: Any, path: Path, settings: Sequence[CodecSetting],
                split_layers: Sequence[int] = (1,), limit: int | None = None,
                max_tokens: int = 512, progress: bool = True,
-               log: Callable[[str], None] | None = None, per_token: bool = False
-               ) -> dict[str, Any]:
+               log: Callable[[str], None] | None = None, per_token: bool = False,
+               records: Path | None = None) -> dict[str, Any]:
     """Teacher-forced perplexity and next-token top-1 agreement with the uncompressed model.
 
-    Each document (one per line of ``path``, the first ``max_tokens`` tokens) is one sequence;
-    the codec is applied to its whole (S, D) activation at the split. For a row-wise codec this is
-    what the server sees at every decode step only if its coding of a row does not depend on the
-    block around it; ``per_token`` sends every token row as its own (1, D) message instead, which
-    is exactly the decode-step payload for any codec (the mean bytes are then per token).
+    Each document (one per line of ``path``, the first ``max_tokens`` tokens) is one sequence.
+    By default the codec codes its whole (S, D) activation as one message: the prefill. That is
+    not what a decode step sends, even for a row-wise codec whose rate control picks one step
+    per message (``rotated``); ``per_token`` sends every token row as its own (1, D) message,
+    exactly the decode-step payload (the mean bytes are then per token).
+
+    Every compressed setting carries ``delta`` (Δppl in percent) and ``delta_ci95`` (its 95%
+    interval, documents resampled in pairs); ``doc_nll`` (per document summed NLL, nats) and the
+    top-level ``doc_tokens`` / ``doc_ref_nll`` keep what the interval is computed from.
+    ``records``: a JSON-lines file that gets every document as it is scored (resumable).
     """
+    from fc_edge.eval import stats
+
     if max_tokens < 2:
         raise ConfigError("--max-tokens must be >= 2")
     stack = LayerStack(model)
     layers = check_layers(stack, split_layers)
     encode, _ = _encoder(tokenizer)
     docs = read_documents(path, limit)
-    nll: dict[tuple[int, str], float] = {}
-    agree: dict[tuple[int, str], int] = {}
-    tallies: dict[tuple[int, str], Tally] = {}
-    for L in layers:
-        for s in settings:
-            nll[(L, s.label)] = 0.0
-            agree[(L, s.label)] = 0
-            tallies[(L, s.label)] = Tally()
-    ref_nll, n_tokens, n_docs = 0.0, 0, 0
+    sink = Records(records, {"kind": "perplexity", "file": Path(path).name,
+                             "split_layers": layers, "settings": [s.label for s in settings],
+                             "max_tokens": max_tokens, "per_token": per_token})
+    recs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for doc in _progress(docs, "perplexity", len(docs), progress):
-            ids_list = encode(doc)[:max_tokens]
-            if len(ids_list) < 2:
-                continue
-            n_docs += 1
-            ids = torch.tensor([ids_list])
-            targets = ids[0, 1:]
-            h, ctx, kept = _forward_keeping(stack, ids, layers)
-            ref_logits = stack.logits(h)[0, :-1]
-            ref_top = ref_logits.argmax(-1)
-            d_nll = float(-torch.log_softmax(ref_logits.double(), -1).gather(
-                1, targets.view(-1, 1)).sum())
-            ref_nll += d_nll
-            n_tokens += targets.numel()
-            S = ids.shape[1]
-            for L in layers:
-                for s in settings:
-                    s.bind(model, L)
-                    key = (L, s.label)
-                    if s.codec is None:
-                        nll[key] += d_nll
-                        agree[key] += targets.numel()
-                        for n in ([1] * S if per_token else [S]):
-                            tallies[key].add_bytes(n * stack.hidden_size * 4,
-                                                   n * stack.hidden_size * 4, 0.0)
+    scored = 0
+    try:
+        with torch.inference_mode():
+            for idx, doc in enumerate(_progress(docs, "perplexity", len(docs), progress)):
+                rec = sink.get("", idx)
+                if rec is None:
+                    ids_list = encode(doc)[:max_tokens]
+                    if len(ids_list) < 2:
                         continue
-                    a_hat = send_rows(s, kept[L], [S], tallies[key], per_token)
-                    logits = stack.logits(stack.run(a_hat, ctx, L, stack.num_layers))[0, :-1]
-                    nll[key] += float(-torch.log_softmax(logits.double(), -1).gather(
-                        1, targets.view(-1, 1)).sum())
-                    agree[key] += int((logits.argmax(-1) == ref_top).sum())
+                    rec = {"idx": idx, **_score_document(stack, model, ids_list, layers,
+                                                         settings, per_token)}
+                    sink.add(rec)
+                    scored += 1
+                recs.append(rec)
+    finally:
+        sink.close()
     dt = time.perf_counter() - t0
+    n_tokens = sum(r["tokens"] for r in recs)
     if n_tokens == 0:
         raise ConfigError(f"{path}: no document has two or more tokens")
+    ref_nll = [r["ref"] for r in recs]
+    tokens = [r["tokens"] for r in recs]
+    ref_ppl = math.exp(sum(ref_nll) / n_tokens)
     results: dict[str, Any] = {}
     for L in layers:
         per: dict[str, Any] = {}
         for s in settings:
-            key = (L, s.label)
-            b = tallies[key].result()
-            per[s.label] = {"codec": s.name, "config": s.config, "row_wise": s.row_wise,
-                            "ppl": math.exp(nll[key] / n_tokens),
-                            "agreement": agree[key] / n_tokens,
-                            "bytes": b["bytes"], "raw_bytes": b["raw_bytes"],
-                            "byte_ratio": b["byte_ratio"], "rel_error": b["rel_error"],
-                            "budget_fallbacks": b["budget_fallbacks"]}
+            key = f"{L}:{s.label}"
+            t = Tally()
+            for r in recs:
+                st = r["s"][key]
+                t.add_bytes(st["bytes"], st["raw"], st["err"], st["fb"], st["seqs"])
+            b = t.result()
+            nll = [r["s"][key]["nll"] for r in recs]
+            ppl = math.exp(sum(nll) / n_tokens)
+            entry = {"codec": s.name, "config": s.config, "row_wise": s.row_wise,
+                     "ppl": ppl, "agreement": sum(r["s"][key]["agree"] for r in recs) / n_tokens,
+                     "bytes": b["bytes"], "raw_bytes": b["raw_bytes"],
+                     "byte_ratio": b["byte_ratio"], "rel_error": b["rel_error"],
+                     "budget_fallbacks": b["budget_fallbacks"],
+                     "delta": 100 * (ppl / ref_ppl - 1), "doc_nll": nll}
+            if s.codec is not None:
+                entry["delta_ci95"] = [100 * v for v in stats.delta_ppl_ci(ref_nll, nll, tokens)]
+            per[s.label] = entry
         results[str(L)] = per
     if log is not None:
-        log(f"perplexity: {n_docs} documents, {n_tokens} scored tokens in {dt:.1f} s; "
-            f"uncompressed ppl {math.exp(ref_nll / n_tokens):.2f}")
-    return {"kind": "perplexity", "file": str(path), "documents": n_docs, "tokens": n_tokens,
+        log(f"perplexity: {len(recs)} documents ({scored} scored now), {n_tokens} scored tokens "
+            f"in {dt:.1f} s; uncompressed ppl {ref_ppl:.2f}")
+    return {"kind": "perplexity", "file": str(path), "documents": len(recs), "tokens": n_tokens,
             "max_tokens": max_tokens, "split_layers": layers, "per_token": per_token,
-            "settings": [s.label for s in settings], "reference_ppl": math.exp(ref_nll / n_tokens),
-            "results": results,
-            "timing": {"seconds": dt, "docs_per_s": n_docs / dt if dt else 0.0}}
+            "settings": [s.label for s in settings], "reference_ppl": ref_ppl,
+            "doc_tokens": tokens, "doc_ref_nll": ref_nll, "results": results,
+            "timing": {"seconds": dt, "scored": scored,
+                       "docs_per_s": scored / dt if dt else 0.0}}
+
+
+def _nll(logits: Tensor, targets: Tensor) -> float:
+    return float(-torch.log_softmax(logits.double(), -1).gather(1, targets.view(-1, 1)).sum())
+
+
+def _score_document(stack: LayerStack, model: Any, ids_list: list[int], layers: Sequence[int],
+                    settings: Sequence[CodecSetting], per_token: bool) -> dict[str, Any]:
+    """One document: the reference NLL and, per setting, NLL, top-1 agreement and bytes."""
+    ids = torch.tensor([ids_list])
+    targets = ids[0, 1:]
+    h, ctx, kept = _forward_keeping(stack, ids, layers)
+    ref_logits = stack.logits(h)[0, :-1]
+    ref_top = ref_logits.argmax(-1)
+    d_nll = _nll(ref_logits, targets)
+    S = ids.shape[1]
+    out: dict[str, Any] = {"tokens": int(targets.numel()), "ref": d_nll, "s": {}}
+    for L in layers:
+        for s in settings:
+            key = f"{L}:{s.label}"
+            if s.codec is None:
+                st = _raw_stats([1] * S if per_token else [S], stack.hidden_size, [])
+                del st["ll"]
+                out["s"][key] = {**st, "nll": d_nll, "agree": int(targets.numel())}
+                continue
+            s.bind(model, L)
+            t = Tally()
+            a_hat = send_rows(s, kept[L], [S], t, per_token)
+            logits = stack.logits(stack.run(a_hat, ctx, L, stack.num_layers))[0, :-1]
+            out["s"][key] = {"nll": _nll(logits, targets),
+                             "agree": int((logits.argmax(-1) == ref_top).sum()),
+                             "bytes": t.bytes_sent, "raw": t.raw_bytes, "err": t.error_sum,
+                             "seqs": t.sequences, "fb": t.budget_fallbacks}
+    return out

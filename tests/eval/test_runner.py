@@ -150,3 +150,32 @@ def test_shared_context_equals_per_choice_path(tiny_llama, data_dir):
                 assert st["ll"] == pytest.approx(b["s"][key]["ll"], rel=1e-5, abs=1e-4), key
                 assert (st["bytes"], st["fb"]) == (b["s"][key]["bytes"], b["s"][key]["fb"]), key
     assert sum(r["s"]["1:svd[ratio=64]"]["fb"] for r in fast["records"]["toy"]) > 0
+
+
+def test_records_resume_and_intervals_in_results(tiny_llama, data_dir, tmp_path):
+    from fc_edge.errors import ConfigError
+    from fc_edge.eval import report
+
+    tok = CharTokenizer()
+    rec = tmp_path / "run" / "items.jsonl"
+    first = evaluate(tiny_llama, tok, ["toy"], build_settings("none,int4"), [1],
+                     data_dir=data_dir, progress=False, records=rec)
+    assert first["timing"]["scored"] == 4
+    lines = rec.read_text().splitlines()
+    rec.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:10])  # an interrupted last line
+    again = evaluate(tiny_llama, tok, ["toy", "wino"], build_settings("none,int4"), [1],
+                     data_dir=data_dir, progress=False, records=rec)
+    assert again["timing"]["scored"] == 1 + 1  # the cut toy item and the wino item
+    assert again["results"]["1"]["int4"]["tasks"]["toy"] == first["results"]["1"]["int4"][
+        "tasks"]["toy"]
+    with pytest.raises(ConfigError, match="another run"):
+        evaluate(tiny_llama, tok, ["toy"], build_settings("none,int8"), [1], data_dir=data_dir,
+                 progress=False, records=rec)
+    r = again["results"]["1"]["int4"]
+    lo, hi = r["delta_ci95"]
+    assert lo <= r["delta"] <= hi and 0.0 <= r["mcnemar_p"] <= 1.0
+    assert r["stats"]["acc"]["n"] == 5
+    table = report.accuracy_markdown(again)
+    assert f"{r['delta']:+.1f} [{lo:+.1f}, {hi:+.1f}]" in table
+    report.plot_delta(report.delta_points(again), tmp_path / "delta.png", "Δ", goal=-0.5)
+    assert (tmp_path / "delta.png").is_file()
