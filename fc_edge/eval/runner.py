@@ -164,6 +164,7 @@ def _raw_stats(lengths: Sequence[int], hidden: int, logliks: list[float]) -> dic
     return {"ll": logliks, "bytes": raw, "raw": raw, "err": 0.0, "seqs": len(lengths), "fb": 0}
 
 
+@torch.inference_mode()
 def score_item_per_choice(stack: LayerStack, model: Any, enc: Encoded, layers: Sequence[int],
                           settings: Sequence[CodecSetting], pad_id: int) -> dict[str, Any]:
     """One item, every choice's whole sequence through all layers (the reference path).
@@ -196,6 +197,7 @@ def score_item_per_choice(stack: LayerStack, model: Any, enc: Encoded, layers: S
     return out
 
 
+@torch.inference_mode()
 def score_item_shared(stack: LayerStack, model: Any, enc: Encoded, layers: Sequence[int],
                       settings: Sequence[CodecSetting]) -> dict[str, Any]:
     """One item with the shared context run once (same result as :func:`score_item_per_choice`
@@ -513,7 +515,7 @@ def perplexity(model: Any, tokenizer: Any, path: Path, settings: Sequence[CodecS
                     ids_list = encode(doc)[:max_tokens]
                     if len(ids_list) < 2:
                         continue
-                    rec = {"idx": idx, **_score_document(stack, model, ids_list, layers,
+                    rec = {"idx": idx, **score_document(stack, model, ids_list, layers,
                                                          settings, per_token)}
                     sink.add(rec)
                     scored += 1
@@ -564,7 +566,8 @@ def _nll(logits: Tensor, targets: Tensor) -> float:
     return float(-torch.log_softmax(logits.double(), -1).gather(1, targets.view(-1, 1)).sum())
 
 
-def _score_document(stack: LayerStack, model: Any, ids_list: list[int], layers: Sequence[int],
+@torch.inference_mode()
+def score_document(stack: LayerStack, model: Any, ids_list: list[int], layers: Sequence[int],
                     settings: Sequence[CodecSetting], per_token: bool) -> dict[str, Any]:
     """One document: the reference NLL and, per setting, NLL, top-1 agreement and bytes."""
     ids = torch.tensor([ids_list])
