@@ -83,3 +83,27 @@ def test_data_dir_and_limit(tmp_path):
 def test_shared_tasks_load(task):
     items = load_task(task, limit=5)
     assert len(items) == 5 and all(2 <= it.n_choices <= 8 for it in items)
+
+
+def test_commonsenseqa_and_logiqa_prompts_are_lm_evals():
+    """Oracle: lm-eval 0.4's own task definitions (its YAML template, its Python doc_to_text)."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed")
+    import importlib.resources
+
+    import jinja2
+    import yaml
+    from lm_eval.tasks.logiqa.utils_logiqa import doc_to_text
+
+    q, opts = "Where is it?", ["bank", "library", "store", "mall", "new york"]
+    item = item_from_record("commonsenseqa", {"question": q, "choices": opts, "label": 3})
+    path = importlib.resources.files("lm_eval") / "tasks/commonsense_qa/default.yaml"
+    spec = yaml.safe_load(path.read_text())
+    doc = {"question": q, "choices": {"text": opts}}
+    assert item.contexts[0] == jinja2.Template(spec["doc_to_text"]).render(**doc)
+    assert item.continuations == tuple(" " + c for c in spec["doc_to_choice"])  # the letters
+
+    rec = {"context": "Four areas.", "question": "Which follows?", "label": 1,
+           "choices": ["one", "two", "three", "four"]}
+    item = item_from_record("logiqa", rec)
+    assert item.contexts[0] == doc_to_text({**rec, "options": rec["choices"]})
+    assert item.continuations == (" one", " two", " three", " four")
