@@ -208,8 +208,9 @@ def score_item_shared(stack: LayerStack, model: Any, enc: Encoded, layers: Seque
     still codes each choice's whole (S, D) sequence as one message, exactly as the device would
     send it; the tail then runs over the coded context once for every group of choices whose
     coded context rows are bit-identical (all choices for a codec that codes rows on their own
-    with a fixed quantizer; choices whose rate control picked the same step for ``rotated``;
-    none for whole-block codecs, which then cost what the per-choice path costs).
+    with a fixed quantizer; choices whose rate control picked the same step for ``rotated``).
+    The other choices (all of them for whole-block codecs) run as whole sequences in one
+    right-padded batch, as in the per-choice path.
     """
     seqs, starts = enc.sequences, enc.starts
     n = len(seqs)
@@ -262,6 +263,7 @@ def score_item_shared(stack: LayerStack, model: Any, enc: Encoded, layers: Seque
                 coded.append(x_hat)
                 _count(st, acts[L][i], x_hat, nbytes, fb)
             ll: list[float] = [0.0] * n
+            alone: list[int] = []  # choices that share their coded context with no other
             for ctx_ids, members in groups.items():
                 c = len(ctx_ids)
                 sub: list[list[int]] = []  # choices whose coded context rows are identical
@@ -273,11 +275,23 @@ def score_item_shared(stack: LayerStack, model: Any, enc: Encoded, layers: Seque
                     else:
                         sub.append([i])
                 for g in sub:
+                    if len(g) == 1:
+                        alone.append(g[0])
+                        continue
                     last, hk, klen = _shared_tail(stack, coded[g[0]][:c][None],
                                                   [coded[i][c:] for i in g], L)
                     toks, _ = pad_batch([seqs[i][c:] for i in g], 0)
                     for i, v in zip(g, _cont_logliks(stack, last, hk, toks, klen), strict=True):
                         ll[i] = v
+            if alone:  # whole sequences as one right-padded batch, as the per-choice path
+                ids, lens = pad_batch([seqs[i] for i in alone], 0)
+                a_hat = coded[alone[0]].new_zeros(len(alone), ids.shape[1], stack.hidden_size)
+                for r, i in enumerate(alone):
+                    a_hat[r, : lens[r]] = coded[i]
+                hh = stack.run(a_hat, stack.context(a_hat), L, N)
+                targets = _gather_targets(ids, lens, [starts[i] for i in alone])
+                for i, v in zip(alone, _logliks(stack, hh, *targets), strict=True):
+                    ll[i] = v
             st["ll"] = ll
             out["s"][key] = st
     return out
