@@ -100,13 +100,20 @@ def _forward_keeping(stack: Any, ids: Tensor, layers: Sequence[int]
     reruns only the layers after its split from ``kept[L]``.
     """
     h, ctx = stack.start(ids)
+    h, kept = _run_keeping(stack, h, ctx, layers)
+    return h, ctx, kept
+
+
+def _run_keeping(stack: Any, h: Tensor, ctx: Any, layers: Sequence[int],
+                 cache: PrefixCache | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+    """All layers over h, keeping the activation after each split layer in ``layers``."""
     kept: dict[int, Tensor] = {}
     prev = 0
     for L in layers:
-        h = stack.run(h, ctx, prev, L)
+        h = stack.run(h, ctx, prev, L, cache)
         kept[L] = h
         prev = L
-    return stack.run(h, ctx, prev, stack.num_layers), ctx, kept
+    return stack.run(h, ctx, prev, stack.num_layers, cache), kept
 
 
 def _cont_logliks(stack: LayerStack, last: Tensor, hk: Tensor, toks: Tensor,
@@ -177,24 +184,33 @@ def score_item_per_choice(stack: LayerStack, model: Any, enc: Encoded, layers: S
     h, ctx, kept = _forward_keeping(stack, ids, layers)
     ref = _logliks(stack, h, rows, cols, toks, counts)
     out: dict[str, Any] = {"ref": ref, "s": {}}
+    for L, s, st in _codec_settings(stack, model, layers, settings, lengths, out):
+        a_hat = kept[L].clone()
+        for r, n in enumerate(lengths):
+            x = kept[L][r, :n]
+            x_hat, nbytes, fb = s.send(x)
+            a_hat[r, :n] = x_hat
+            _count(st, x, x_hat, nbytes, fb)
+        hh = stack.run(a_hat, ctx, L, stack.num_layers)
+        st["ll"] = _logliks(stack, hh, rows, cols, toks, counts)
+    return out
+
+
+def _codec_settings(stack: LayerStack, model: Any, layers: Sequence[int],
+                    settings: Sequence[CodecSetting], lengths: Sequence[int],
+                    out: dict[str, Any]) -> Any:
+    """Fill ``out["s"]`` for the uncompressed settings (the reference's log-likelihoods, float32
+    bytes); yield (layer, setting, its fresh stats dict, already in ``out``) for each codec,
+    bound to the model at that layer."""
     for L in layers:
         for s in settings:
             key = f"{L}:{s.label}"
             if s.codec is None:
-                out["s"][key] = _raw_stats(lengths, stack.hidden_size, ref)
+                out["s"][key] = _raw_stats(lengths, stack.hidden_size, out["ref"])
                 continue
             s.bind(model, L)
-            st = _new_stats()
-            a_hat = kept[L].clone()
-            for r, n in enumerate(lengths):
-                x = kept[L][r, :n]
-                x_hat, nbytes, fb = s.send(x)
-                a_hat[r, :n] = x_hat
-                _count(st, x, x_hat, nbytes, fb)
-            hh = stack.run(a_hat, ctx, L, stack.num_layers)
-            st["ll"] = _logliks(stack, hh, rows, cols, toks, counts)
-            out["s"][key] = st
-    return out
+            out["s"][key] = st = _new_stats()
+            yield L, s, st
 
 
 @torch.inference_mode()
@@ -224,24 +240,11 @@ def score_item_shared(stack: LayerStack, model: Any, enc: Encoded, layers: Seque
         c = len(ctx_ids)
         cache = PrefixCache()
         h, ctx = stack.start(torch.tensor([ctx_ids]))
-        kept_c: dict[int, Tensor] = {}
-        prev = 0
-        for L in layers:
-            h = stack.run(h, ctx, prev, L, cache)
-            kept_c[L] = h
-            prev = L
-        h = stack.run(h, ctx, prev, N, cache)
+        h, kept_c = _run_keeping(stack, h, ctx, layers, cache)
         cache.extend = True
         kid, klen = pad_batch([seqs[i][c:] for i in members], 0)
         hk = stack.base.embed_tokens(kid.to(stack.device))
-        kctx = stack.continuation(c, hk)
-        kept_k: dict[int, Tensor] = {}
-        prev = 0
-        for L in layers:
-            hk = stack.run(hk, kctx, prev, L, cache)
-            kept_k[L] = hk
-            prev = L
-        hk = stack.run(hk, kctx, prev, N, cache)
+        hk, kept_k = _run_keeping(stack, hk, stack.continuation(c, hk), layers, cache)
         for j, ll in enumerate(_cont_logliks(stack, h[0, -1], hk, kid, klen)):
             i = members[j]
             ref[i] = ll
@@ -249,51 +252,43 @@ def score_item_shared(stack: LayerStack, model: Any, enc: Encoded, layers: Seque
                 acts[L][i] = torch.cat([kept_c[L][0], kept_k[L][j, : klen[j]]])
     lengths = [len(s) for s in seqs]
     out: dict[str, Any] = {"ref": ref, "s": {}}
-    for L in layers:
-        for s in settings:
-            key = f"{L}:{s.label}"
-            if s.codec is None:
-                out["s"][key] = _raw_stats(lengths, stack.hidden_size, ref)
-                continue
-            s.bind(model, L)
-            st = _new_stats()
-            coded = []
-            for i in range(n):
-                x_hat, nbytes, fb = s.send(acts[L][i])
-                coded.append(x_hat)
-                _count(st, acts[L][i], x_hat, nbytes, fb)
-            ll: list[float] = [0.0] * n
-            alone: list[int] = []  # choices that share their coded context with no other
-            for ctx_ids, members in groups.items():
-                c = len(ctx_ids)
-                sub: list[list[int]] = []  # choices whose coded context rows are identical
-                for i in members:
-                    for g in sub:
-                        if torch.equal(coded[g[0]][:c], coded[i][:c]):
-                            g.append(i)
-                            break
-                    else:
-                        sub.append([i])
+    for L, s, st in _codec_settings(stack, model, layers, settings, lengths, out):
+        coded = []
+        for i in range(n):
+            x_hat, nbytes, fb = s.send(acts[L][i])
+            coded.append(x_hat)
+            _count(st, acts[L][i], x_hat, nbytes, fb)
+        ll: list[float] = [0.0] * n
+        alone: list[int] = []  # choices that share their coded context with no other
+        for ctx_ids, members in groups.items():
+            c = len(ctx_ids)
+            sub: list[list[int]] = []  # choices whose coded context rows are identical
+            for i in members:
                 for g in sub:
-                    if len(g) == 1:
-                        alone.append(g[0])
-                        continue
-                    last, hk, klen = _shared_tail(stack, coded[g[0]][:c][None],
-                                                  [coded[i][c:] for i in g], L)
-                    toks, _ = pad_batch([seqs[i][c:] for i in g], 0)
-                    for i, v in zip(g, _cont_logliks(stack, last, hk, toks, klen), strict=True):
-                        ll[i] = v
-            if alone:  # whole sequences as one right-padded batch, as the per-choice path
-                ids, lens = pad_batch([seqs[i] for i in alone], 0)
-                a_hat = coded[alone[0]].new_zeros(len(alone), ids.shape[1], stack.hidden_size)
-                for r, i in enumerate(alone):
-                    a_hat[r, : lens[r]] = coded[i]
-                hh = stack.run(a_hat, stack.context(a_hat), L, N)
-                targets = _gather_targets(ids, lens, [starts[i] for i in alone])
-                for i, v in zip(alone, _logliks(stack, hh, *targets), strict=True):
+                    if torch.equal(coded[g[0]][:c], coded[i][:c]):
+                        g.append(i)
+                        break
+                else:
+                    sub.append([i])
+            for g in sub:
+                if len(g) == 1:
+                    alone.append(g[0])
+                    continue
+                last, hk, klen = _shared_tail(stack, coded[g[0]][:c][None],
+                                              [coded[i][c:] for i in g], L)
+                toks, _ = pad_batch([seqs[i][c:] for i in g], 0)
+                for i, v in zip(g, _cont_logliks(stack, last, hk, toks, klen), strict=True):
                     ll[i] = v
-            st["ll"] = ll
-            out["s"][key] = st
+        if alone:  # whole sequences as one right-padded batch, as the per-choice path
+            ids, lens = pad_batch([seqs[i] for i in alone], 0)
+            a_hat = coded[alone[0]].new_zeros(len(alone), ids.shape[1], stack.hidden_size)
+            for r, i in enumerate(alone):
+                a_hat[r, : lens[r]] = coded[i]
+            hh = stack.run(a_hat, stack.context(a_hat), L, N)
+            targets = _gather_targets(ids, lens, [starts[i] for i in alone])
+            for i, v in zip(alone, _logliks(stack, hh, *targets), strict=True):
+                ll[i] = v
+        st["ll"] = ll
     return out
 
 
