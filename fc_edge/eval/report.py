@@ -26,6 +26,8 @@ def accuracy_rows(res: dict[str, Any], metric: str = "acc") -> list[dict[str, An
             row: dict[str, Any] = {"layer": int(layer), "codec": label, "row_wise": r["row_wise"]}
             for t in tasks:
                 row[t] = 100 * r["tasks"][t][metric]
+                se = r["tasks"][t].get(f"{metric}_stderr")
+                row[f"{t}_stderr"] = None if se is None else 100 * se
             row["mean"] = 100 * m[metric]
             row["delta"] = None if base is None else 100 * (m[metric] - base)
             st = r.get("stats", {}).get(metric)
@@ -47,7 +49,8 @@ def accuracy_rows(res: dict[str, Any], metric: str = "acc") -> list[dict[str, An
 
 def accuracy_markdown(res: dict[str, Any], metric: str = "acc") -> str:
     tasks = _task_order(res["tasks"])
-    """Markdown table: per-task metric (percent), the mean over tasks, Δ against ``none`` with
+    """Markdown table: per-task metric (percent, ± lm-eval's standard error), the mean over
+    tasks, Δ against ``none`` with
     its 95% bootstrap interval, the exact McNemar p (discordant items ref-right/codec-right),
     agreement with its Clopper-Pearson interval, KL, bytes."""
     tasks = _task_order(res["tasks"])
@@ -56,7 +59,9 @@ def accuracy_markdown(res: dict[str, Any], metric: str = "acc") -> str:
                "×f32", "row-wise"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in accuracy_rows(res, metric):
-        cells = [str(row["layer"]), f"`{row['codec']}`"] + [f"{row[t]:.1f}" for t in tasks]
+        cells = [str(row["layer"]), f"`{row['codec']}`"] + [
+            f"{row[t]:.1f}" + ("" if row[f"{t}_stderr"] is None else f" ±{row[f'{t}_stderr']:.1f}")
+            for t in tasks]
         ci = "" if row["delta_lo"] is None else f" [{row['delta_lo']:+.1f}, {row['delta_hi']:+.1f}]"
         aci = "" if row["agree_lo"] is None else f" [{row['agree_lo']:.1f}, {row['agree_hi']:.1f}]"
         cells += [f"{row['mean']:.1f}",
