@@ -5,6 +5,7 @@
 # a stopped run leaves usable partial results: the first N items of every task.
 #
 #   bash docs/results/full_run.sh accuracy     # none + rotated, then none + int8 + fourier + topk
+#   bash docs/results/full_run.sh others       # only the second accuracy run (a second process)
 #   bash docs/results/full_run.sh perplexity   # per-token perplexity, 400 documents
 #
 # OUT (default docs/results/full) holds the records (*.jsonl), the JSON and the tables.
@@ -37,6 +38,7 @@ case "${1:-accuracy}" in
   accuracy)
     accuracy none,rotated main                                   # decides the fidelity verdict
     accuracy 'none,int8,fourier[ratio=8],topk[ratio=8]' others ;;
+  others) accuracy 'none,int8,fourier[ratio=8],topk[ratio=8]' others ;;
   perplexity) perplexity ;;
-  *) echo "usage: $0 accuracy|perplexity" >&2; exit 2 ;;
+  *) echo "usage: $0 accuracy|others|perplexity" >&2; exit 2 ;;
 esac
