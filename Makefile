@@ -28,6 +28,7 @@ test: install
 bench: install
 	$(PY) tools/bench_codecs.py
 	$(PY) tools/bench_runtime.py
+	$(PY) tools/bench_eval.py
 
 lint: install
 	$(VENV)/bin/ruff check fc_edge tests tools
