@@ -2,7 +2,9 @@
 
     .venv/bin/python docs/results/render_full.py [docs/results/full] > /tmp/section0.md
 
-Prints, per accuracy run, how many items of each task are scored against the task's size, the
+Accuracy runs are read from their records (``*.jsonl``), so items of an unfinished stage count
+too: every task contributes its first k scored items. Prints, per accuracy run, how many items
+of each task are scored against the task's size, the
 table with intervals (acc and acc_norm), and the goal verdicts from the intervals; then the
 per-token perplexity table, with the interval on the first 40 documents as well (the documents
 of docs/results.md §7). Also writes full.json (every run's JSON in one file) beside the runs.
@@ -28,6 +30,36 @@ def task_sizes(tasks: list[str]) -> dict[str, int]:
         with open(task_file(default_data_dir(), t), encoding="utf-8") as f:
             out[t] = sum(1 for line in f if line.strip())
     return out
+
+
+def from_records(path: Path) -> dict:
+    """An accuracy result (as ``fc-edge eval --json`` writes it) from a records file: every
+    task's items 0..k-1 that are all scored (a run stopped mid-stage leaves a prefix)."""
+    from fc_edge.eval.runner import summarize
+    from fc_edge.eval.settings import build_settings
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    run = json.loads(lines[0])["run"]
+    by_task: dict[str, dict[int, dict]] = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # the line being written
+        by_task.setdefault(rec["task"], {})[int(rec["idx"])] = rec
+    records = {}
+    for task in sorted(by_task):
+        got, k = by_task[task], 0
+        while k in got:
+            k += 1
+        records[task] = [got[i] for i in range(k)]
+    settings = build_settings(",".join(run["settings"]))
+    layers = run["split_layers"]
+    return {"kind": "accuracy", "tasks": list(records), "split_layers": layers,
+            "settings": run["settings"], "results": summarize(records, layers, settings),
+            "timing": {"tasks": {t: {"items": len(r)} for t, r in records.items()},
+                       "items": sum(len(r) for r in records.values())},
+            "from_records": str(path.name)}
 
 
 def accuracy_section(name: str, res: dict) -> list[str]:
@@ -82,9 +114,10 @@ def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/full")
     out, bundle = [], {}
     for name in ("main", "others"):
-        path = folder / f"{name}.json"
+        path = folder / f"{name}.jsonl"
         if path.is_file():
-            res = json.loads(path.read_text())
+            res = from_records(path)  # all items scored so far, not only finished stages
+            (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
             bundle[name] = res
             out += accuracy_section(name, res) + [""]
     path = folder / "ppl_per_token.json"
