@@ -68,6 +68,7 @@ def analyze(model: Any, token_ids: Sequence[Sequence[int]], layers: Sequence[int
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every number of the analysis, JSON-ready (see the module docstring)."""
     from fc_edge.codecs import get_codec, measure
+    from fc_edge.models.split import bind_codec
 
     if not token_ids:
         raise ConfigError("analyze needs at least one document")
@@ -85,6 +86,9 @@ def analyze(model: Any, token_ids: Sequence[Sequence[int]], layers: Sequence[int
             "rms": float(torch.cat([x.reshape(-1) for x in xs]).pow(2).mean().sqrt()),
             "codecs": {}}
         for label, (name, codec, target) in codecs.items():
+            # bound to the model's channel weights at this split, as the runtime binds it
+            # (noise shaping for `rotated`; a no-op for the others)
+            bind_codec(codec, model, L)
             errs, sent, raw, failed = [], 0, 0, 0
             for x in xs:
                 try:

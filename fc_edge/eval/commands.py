@@ -63,6 +63,9 @@ def add_parser(sub: Any) -> None:
                    help="perplexity: tokens per document (the rest is cut)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE",
                    help="write every number to FILE")
+    p.add_argument("--records", type=Path, default=None, metavar="FILE",
+                   help="append every item (document) to FILE as JSON lines as it is scored; "
+                   "the same command with the same FILE resumes after the ones already there")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="also write markdown + CSV tables and PNG plots here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -116,13 +119,13 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.perplexity is not None:
         res = perplexity(model, tokenizer, args.perplexity, settings, layers, args.limit,
-                         args.max_tokens, progress, log, args.per_token)
+                         args.max_tokens, progress, log, args.per_token, args.records)
         table = report.perplexity_markdown(res)
         rows = report.perplexity_rows(res)
     else:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         res = evaluate(model, tokenizer, tasks, settings, layers, args.limit, args.data_dir,
-                       progress=progress, log=log)
+                       progress=progress, log=log, records=args.records)
         table = report.accuracy_markdown(res)
         rows = report.accuracy_rows(res)
         t = res["timing"]
@@ -140,11 +143,15 @@ def run(args: argparse.Namespace) -> int:
         (out / f"{stem}.md").write_text(table + "\n")
         report.write_csv(rows, out / f"{stem}.csv")
         if args.perplexity is not None:
+            report.plot_delta(report.delta_points(res), out / "delta.png",
+                              "Δ perplexity (%)", goal=1.0)
             report.plot_frontier(report.frontier_points(res), out / "frontier.png",
                                  ylabel="next-token top-1 agreement with uncompressed (%)",
                                  title="bytes vs decode fidelity (o row-wise, x whole-block)")
         else:
             (out / "accuracy_norm.md").write_text(report.accuracy_markdown(res, "acc_norm") + "\n")
+            report.plot_delta(report.delta_points(res), out / "delta.png",
+                              "Δ mean accuracy (points)", goal=-0.5)
             if len(res["split_layers"]) > 1:
                 report.plot_layers(res, out / "layers.png")
                 report.plot_layers(res, out / "layers_agreement.png", "agreement")

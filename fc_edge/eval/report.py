@@ -26,9 +26,19 @@ def accuracy_rows(res: dict[str, Any], metric: str = "acc") -> list[dict[str, An
             row: dict[str, Any] = {"layer": int(layer), "codec": label, "row_wise": r["row_wise"]}
             for t in tasks:
                 row[t] = 100 * r["tasks"][t][metric]
+                se = r["tasks"][t].get(f"{metric}_stderr")
+                row[f"{t}_stderr"] = None if se is None else 100 * se
             row["mean"] = 100 * m[metric]
             row["delta"] = None if base is None else 100 * (m[metric] - base)
+            st = r.get("stats", {}).get(metric)
+            row["delta_lo"], row["delta_hi"] = (
+                (100 * st["delta_ci95"][0], 100 * st["delta_ci95"][1]) if st else (None, None))
+            row["mcnemar_p"] = st["mcnemar_p"] if st else None
+            row["discordant"] = "/".join(str(v) for v in st["discordant"]) if st else ""
             row["agreement"] = 100 * m["agreement"]
+            row["agree_lo"], row["agree_hi"] = (
+                (100 * st["agreement_ci95"][0], 100 * st["agreement_ci95"][1]) if st
+                else (None, None))
             row["kl"] = m["kl"]
             row["bytes"] = m["bytes"]
             row["byte_ratio"] = m["byte_ratio_pooled"]
@@ -39,14 +49,26 @@ def accuracy_rows(res: dict[str, Any], metric: str = "acc") -> list[dict[str, An
 
 def accuracy_markdown(res: dict[str, Any], metric: str = "acc") -> str:
     tasks = _task_order(res["tasks"])
+    """Markdown table: per-task metric (percent, ± lm-eval's standard error), the mean over
+    tasks, Δ against ``none`` with
+    its 95% bootstrap interval, the exact McNemar p (discordant items ref-right/codec-right),
+    agreement with its Clopper-Pearson interval, KL, bytes."""
+    tasks = _task_order(res["tasks"])
     head = (["L", "codec"] + [PAPER_ABBREV.get(t, t) for t in tasks]
-            + ["mean", "Δ", "agree", "KL", "bytes/seq", "×f32", "row-wise"])
+            + ["mean", "Δ [95% CI]", "McNemar p (b/c)", "agree [95% CI]", "KL", "bytes/seq",
+               "×f32", "row-wise"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in accuracy_rows(res, metric):
-        cells = [str(row["layer"]), f"`{row['codec']}`"] + [f"{row[t]:.1f}" for t in tasks]
+        cells = [str(row["layer"]), f"`{row['codec']}`"] + [
+            f"{row[t]:.1f}" + ("" if row[f"{t}_stderr"] is None else f" ±{row[f'{t}_stderr']:.1f}")
+            for t in tasks]
+        ci = "" if row["delta_lo"] is None else f" [{row['delta_lo']:+.1f}, {row['delta_hi']:+.1f}]"
+        aci = "" if row["agree_lo"] is None else f" [{row['agree_lo']:.1f}, {row['agree_hi']:.1f}]"
         cells += [f"{row['mean']:.1f}",
-                  "" if row["delta"] is None else f"{row['delta']:+.1f}",
-                  f"{row['agreement']:.1f}", f"{row['kl']:.4f}", f"{row['bytes']:.0f}",
+                  "" if row["delta"] is None else f"{row['delta']:+.1f}{ci}",
+                  "" if row["mcnemar_p"] is None
+                  else f"{row['mcnemar_p']:.3g} ({row['discordant']})",
+                  f"{row['agreement']:.1f}{aci}", f"{row['kl']:.4f}", f"{row['bytes']:.0f}",
                   f"{row['byte_ratio']:.1f}", "yes" if row["row_wise"] else "no"]
         if row["fallbacks"]:
             cells[-1] += f" ({row['fallbacks']} raw)"
@@ -55,14 +77,17 @@ def accuracy_markdown(res: dict[str, Any], metric: str = "acc") -> str:
 
 
 def perplexity_markdown(res: dict[str, Any]) -> str:
-    head = ["L", "codec", "ppl", "Δ ppl %", "top-1 agree",
+    head = ["L", "codec", "ppl", "Δ ppl % [95% CI]", "top-1 agree",
             "bytes/token" if res.get("per_token") else "bytes/seq", "×f32", "rel. error",
             "row-wise"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = res["reference_ppl"]
     for layer, per in res["results"].items():
         for label, r in per.items():
-            cells = [layer, f"`{label}`", f"{r['ppl']:.2f}", f"{100 * (r['ppl'] / ref - 1):+.2f}",
+            ci = r.get("delta_ci95")
+            d = f"{100 * (r['ppl'] / ref - 1):+.2f}" + (
+                f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+            cells = [layer, f"`{label}`", f"{r['ppl']:.2f}", d,
                      f"{100 * r['agreement']:.1f}", f"{r['bytes']:.0f}", f"{r['byte_ratio']:.1f}",
                      f"{r['rel_error']:.3f}", "yes" if r["row_wise"] else "no"]
             if r["budget_fallbacks"]:
@@ -85,8 +110,11 @@ def perplexity_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for layer, per in res["results"].items():
         for label, r in per.items():
+            ci = r.get("delta_ci95") or [None, None]
             out.append({"layer": int(layer), "codec": label, "row_wise": r["row_wise"],
-                        "ppl": r["ppl"], "agreement": r["agreement"], "bytes": r["bytes"],
+                        "ppl": r["ppl"], "delta_pct": 100 * (r["ppl"] / res["reference_ppl"] - 1),
+                        "delta_lo": ci[0], "delta_hi": ci[1],
+                        "agreement": r["agreement"], "bytes": r["bytes"],
                         "byte_ratio": r["byte_ratio"], "rel_error": r["rel_error"]})
     return out
 
@@ -126,8 +154,9 @@ def plot_layers(res: dict[str, Any], path: Path, metric: str = "acc") -> None:
 
 def plot_frontier(points: list[dict[str, Any]], path: Path, reference: float | None = None,
                   ylabel: str = "mean acc (%)", title: str = "") -> None:
-    """Bytes vs accuracy: one point per setting (``bytes_ratio`` x, ``value`` y, ``label``);
-    the Pareto frontier (fewest bytes for the accuracy) is drawn as a line."""
+    """Bytes vs accuracy: one point per setting (``bytes_ratio`` x, ``value`` y, ``label``,
+    optional ``yerr`` (below, above): the 95% interval of the paired change, drawn as an error
+    bar); the Pareto frontier (fewest bytes for the accuracy) is drawn as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,6 +166,9 @@ def plot_frontier(points: list[dict[str, Any]], path: Path, reference: float | N
     for p in points:
         ax.scatter(p["bits_per_element"], p["value"], s=28,
                    marker="o" if p.get("row_wise", True) else "x")
+        if "yerr" in p:
+            ax.errorbar(p["bits_per_element"], p["value"], yerr=[[p["yerr"][0]], [p["yerr"][1]]],
+                        fmt="none", capsize=2, lw=0.8, color="gray")
         ax.annotate(p["label"], (p["bits_per_element"], p["value"]), fontsize=6,
                     xytext=(3, 2), textcoords="offset points")
     front = pareto(points)
@@ -152,6 +184,53 @@ def plot_frontier(points: list[dict[str, Any]], path: Path, reference: float | N
     ax.set_title(title or "bytes vs accuracy (o row-wise, x whole-block)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def delta_points(res: dict[str, Any], metric: str = "acc") -> list[dict[str, Any]]:
+    """Per compressed (layer, setting): Δ against uncompressed and its 95% interval (accuracy:
+    points of ``metric``; perplexity: percent)."""
+    pts = []
+    for layer, per in res["results"].items():
+        for label, r in per.items():
+            if res.get("kind") == "perplexity":
+                ci = r.get("delta_ci95")
+                d = r.get("delta")
+            else:
+                st = r.get("stats", {}).get(metric)
+                ci = [100 * v for v in st["delta_ci95"]] if st else None
+                d = 100 * st["delta"] if st else None
+            if ci is None or d is None:
+                continue
+            pts.append({"label": f"L{layer} {label}", "delta": d, "lo": ci[0], "hi": ci[1]})
+    return pts
+
+
+def plot_delta(points: list[dict[str, Any]], path: Path, xlabel: str,
+               goal: float | None = None) -> None:
+    """Δ against uncompressed with 95% intervals as error bars, one row per setting; ``goal``
+    draws the allowed loss (a dotted line) next to zero."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(points), 2) + 1.2))
+    ys = list(range(len(points)))
+    for y, p in zip(ys, points, strict=True):
+        ax.errorbar(p["delta"], y, xerr=[[p["delta"] - p["lo"]], [p["hi"] - p["delta"]]],
+                    fmt="o", capsize=3, color="C0")
+    ax.axvline(0.0, color="gray", lw=1)
+    if goal is not None:
+        ax.axvline(goal, color="red", lw=0.8, ls=":", label=f"goal ({goal:+g})")
+        ax.legend(fontsize=7)
+    ax.set_yticks(ys, [p["label"] for p in points], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title("vs uncompressed, 95% intervals", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -178,8 +257,13 @@ def frontier_points(res: dict[str, Any], metric: str = "acc", layer: str | None 
             value, ratio = r["agreement"], r["byte_ratio"]
         else:
             value, ratio = r["mean"][metric], r["mean"]["byte_ratio_pooled"]
-        pts.append({"label": label, "value": 100 * value, "row_wise": r["row_wise"],
-                    "bits_per_element": 32.0 / ratio})
+        pt = {"label": label, "value": 100 * value, "row_wise": r["row_wise"],
+              "bits_per_element": 32.0 / ratio}
+        st = r.get("stats", {}).get(metric)
+        if st:  # the Δ interval around this setting's value: error bars of the paired change
+            d = 100 * st["delta"]
+            pt["yerr"] = (d - 100 * st["delta_ci95"][0], 100 * st["delta_ci95"][1] - d)
+        pts.append(pt)
     return pts
 
 

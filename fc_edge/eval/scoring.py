@@ -3,7 +3,8 @@
 * ``loglik``: the summed log-probability of a choice's continuation tokens, each predicted by the
   logits one position earlier.
 * ``acc``: the choice with the highest summed log-likelihood is right.
-* ``acc_norm``: the same after dividing each log-likelihood by the choice's length in bytes.
+* ``acc_norm``: the same after dividing each log-likelihood by the choice's length in characters
+  (lm-evaluation-harness: ``len(choice)`` of the Python string).
 * agreement with the uncompressed model: the two ``acc`` choices are the same.
 * KL: ``KL(p_ref || p_codec)`` (nats) of the choice distributions ``softmax(logliks)``.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -63,7 +64,7 @@ class ItemScore:
     """One item under one setting: the per-choice log-likelihoods and what they decide."""
 
     logliks: list[float]
-    cont_bytes: list[int]
+    cont_chars: list[int]
     label: int
 
     @property
@@ -72,7 +73,7 @@ class ItemScore:
 
     @property
     def pred_norm(self) -> int:
-        return choose([v / max(n, 1) for v, n in zip(self.logliks, self.cont_bytes, strict=True)])
+        return choose([v / max(n, 1) for v, n in zip(self.logliks, self.cont_chars, strict=True)])
 
     @property
     def acc(self) -> float:
@@ -97,8 +98,7 @@ class Tally:
     bytes_sent: int = 0
     raw_bytes: int = 0           # float32 bytes of the same activations
     budget_fallbacks: int = 0    # sequences the codec could not code at its budget (sent raw)
-    errors: list[float] = field(default_factory=list)  # relative reconstruction error per seq
-    items: list[list[float]] = field(default_factory=list)  # per-item log-likelihoods, if kept
+    error_sum: float = 0.0       # summed relative reconstruction error over the sequences
 
     def add(self, score: ItemScore, ref: ItemScore | None) -> None:
         self.n += 1
@@ -109,12 +109,15 @@ class Tally:
             self.agree_norm += float(score.pred_norm == ref.pred_norm)
             self.kl += kl_divergence(ref.logliks, score.logliks)
 
-    def add_bytes(self, sent: int, raw: int, rel_error: float, fallback: bool = False) -> None:
-        self.sequences += 1
+    def add_bytes(self, sent: int, raw: int, rel_error: float, fallback: bool = False,
+                  sequences: int = 1) -> None:
+        """``sequences`` messages of ``sent`` bytes in all (``raw`` as float32), with summed
+        relative error ``rel_error`` and ``fallback`` of them sent as fp16."""
+        self.sequences += sequences
         self.bytes_sent += sent
         self.raw_bytes += raw
         self.budget_fallbacks += int(fallback)
-        self.errors.append(rel_error)
+        self.error_sum += rel_error
 
     def result(self) -> dict[str, float | int]:
         n = max(self.n, 1)
@@ -129,7 +132,7 @@ class Tally:
             "bytes": self.bytes_sent / s,            # mean bytes sent per scored sequence
             "raw_bytes": self.raw_bytes / s,         # mean float32 bytes per scored sequence
             "byte_ratio": self.raw_bytes / self.bytes_sent if self.bytes_sent else 1.0,
-            "rel_error": sum(self.errors) / s if self.errors else 0.0,
+            "rel_error": self.error_sum / s,
             "sequences": self.sequences,
             "budget_fallbacks": self.budget_fallbacks,
         }

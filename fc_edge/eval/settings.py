@@ -21,6 +21,7 @@ from fc_edge.errors import BudgetError, ConfigError
 
 NONE = "none"
 RATIO_CODECS = ("fourier", "topk", "svd", "qr")
+FALLBACK = "fp16"  # what the runtime sends for a shape the session codec refuses
 _SPEC = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?:\[(.*)\])?\s*$")
 
 
@@ -105,8 +106,9 @@ class CodecSetting:
         """One (S, D) activation through encode -> wire bytes -> decode.
 
         Returns (reconstruction, bytes on the wire, fell_back). A codec that cannot meet its
-        budget for this shape (:class:`BudgetError`, e.g. SVD of a one-row block) sends the
-        float32 activation instead, counted at full size and flagged.
+        budget for this shape (:class:`BudgetError`, e.g. SVD of a one-row block) is replaced by
+        float16 for that message, as the runtime does (``fc_edge.runtime.server.FALLBACK_CODEC``),
+        counted at its packed size and flagged.
         """
         raw = x.numel() * 4
         if self.codec is None:
@@ -117,8 +119,15 @@ class CodecSetting:
         try:
             data = wire.pack(self.codec.encode(x))
         except BudgetError:
-            return x, raw, True
+            data = wire.pack(_fallback().encode(x))
+            return decode(wire.unpack(data)).to(x.device, x.dtype), len(data), True
         return decode(wire.unpack(data)).to(x.device, x.dtype), len(data), False
+
+
+def _fallback() -> Any:
+    from fc_edge.codecs import get_codec
+
+    return get_codec(FALLBACK)
 
 
 def build_settings(specs: str, shared: dict[str, Any] | None = None,

@@ -9,10 +9,13 @@ one continuation string per choice, scored the way lm-evaluation-harness does:
 * WinoGrande (partial scoring): the context is the sentence up to the blank with the option
   filled in (``context_options``), the continuation is the shared rest of the sentence.
 
-Prompts follow lm-evaluation-harness where it has the task (``"Question: ...\\nAnswer:"`` for
-ARC, PIQA, CommonsenseQA; the bare question stem for OpenBookQA; ``"Q: context question\\nA:"``
-for SIQA); QASC, LogiQA and CosmosQA use the same question/answer frame with their context and
-facts in front.
+Prompts follow lm-evaluation-harness 0.4 where it has the task: ``"Question: ...\\nAnswer:"`` for
+ARC and PIQA; the bare question stem for OpenBookQA; ``"Q: context question\\nA:"`` for SIQA;
+CommonsenseQA lists the options as ``A. ...`` to ``E. ...`` after the question and scores the
+letter (``" A"`` ... ``" E"``), as its ``commonsense_qa.yaml``; LogiQA is ``"Passage: ...\\n
+Question: ...\\nChoices:\\nA. ...\\nD. ...\\nAnswer:"`` with the option texts as continuations, as
+its ``utils_logiqa.doc_to_text``. QASC and CosmosQA (not in lm-eval 0.4's task list in this
+form) use the question/answer frame with their facts or passage in front.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ PAPER_ORDER = ("openbookqa", "arc_easy", "arc_challenge", "piqa", "siqa", "winog
 PAPER_ABBREV = {"openbookqa": "OA", "arc_easy": "A-e", "arc_challenge": "A-c", "piqa": "PA",
                 "siqa": "SA", "winogrande": "WG", "commonsenseqa": "CQ", "qasc": "QC",
                 "logiqa": "LA", "cosmosqa": "CA"}
+
+
+LETTERS = "ABCDEFGHIJ"
+LETTER_TASKS = ("commonsenseqa",)  # tasks whose continuation is the option letter (lm-eval)
 
 
 def default_data_dir() -> Path:
@@ -66,8 +73,12 @@ def _prompt(task: str, rec: dict[str, Any]) -> str:
         return f"Q: {str(rec['context']).strip()} {q}\nA:"
     if task == "cosmosqa":
         return f"{str(rec['context']).strip()}\n{_question_answer(q)}"
-    if task == "logiqa":
-        return f"Passage: {str(rec['context']).strip()}\n{_question_answer(q)}"
+    if task == "logiqa":  # lm-eval 0.4 tasks/logiqa/utils_logiqa.py doc_to_text
+        opts = "".join(f"{LETTERS[i]}. {str(c).strip()}\n" for i, c in enumerate(rec["choices"]))
+        return f"Passage: {str(rec['context']).strip()}\nQuestion: {q}\nChoices:\n{opts}Answer:"
+    if task == "commonsenseqa":  # lm-eval 0.4 tasks/commonsense_qa/default.yaml doc_to_text
+        opts = "".join(f"\n{LETTERS[i]}. {str(c).strip()}" for i, c in enumerate(rec["choices"]))
+        return f"Question: {q}{opts}\nAnswer:"
     if task == "qasc":
         facts = " ".join(str(rec[k]).strip() for k in ("fact1", "fact2") if rec.get(k))
         return f"{facts}\n{_question_answer(q)}" if facts else _question_answer(q)
@@ -86,7 +97,10 @@ def item_from_record(task: str, rec: dict[str, Any], where: str = "") -> Item:
             conts = tuple(cont for _ in contexts)
         else:
             prompt = _prompt(task, rec)
-            conts = tuple(" " + str(c).strip() for c in rec["choices"])
+            if task in LETTER_TASKS:  # the answer is scored as its letter
+                conts = tuple(" " + LETTERS[i] for i in range(len(rec["choices"])))
+            else:
+                conts = tuple(" " + str(c).strip() for c in rec["choices"])
             contexts = tuple(prompt for _ in conts)
         rid = str(rec.get("id", where))
     except (KeyError, TypeError, ValueError) as e:
@@ -137,7 +151,7 @@ class Encoded:
 
     sequences: tuple[tuple[int, ...], ...]
     starts: tuple[int, ...]   # index of the first continuation token in each sequence
-    cont_bytes: tuple[int, ...]  # UTF-8 length of each choice (acc_norm), no delimiter space
+    cont_chars: tuple[int, ...]  # characters of each choice (acc_norm), no delimiter space
 
 
 def encode_item(item: Item, encode: Callable[[str], list[int]], prefix_id: int | None = None,
@@ -146,7 +160,7 @@ def encode_item(item: Item, encode: Callable[[str], list[int]], prefix_id: int |
     tokens past ``len(encode(context))`` as the continuation (trailing spaces of the context move
     to the continuation first). An empty context gets ``prefix_id`` in front. ``max_len`` cuts
     tokens from the left (the continuation is always kept)."""
-    seqs, starts, nbytes = [], [], []
+    seqs, starts, nchars = [], [], []
     for ctx, cont in zip(item.contexts, item.continuations, strict=True):
         n_space = len(ctx) - len(ctx.rstrip())
         if n_space:
@@ -166,6 +180,6 @@ def encode_item(item: Item, encode: Callable[[str], list[int]], prefix_id: int |
             seq = seq[len(seq) - max_len:]
         seqs.append(tuple(seq))
         starts.append(max(1, len(seq) - len(cont_ids)))  # the first token is never predicted
-        # lm-evaluation-harness divides by the choice's own length (no leading delimiter space)
-        nbytes.append(len(item.continuations[len(seqs) - 1].removeprefix(" ").encode("utf-8")))
-    return Encoded(tuple(seqs), tuple(starts), tuple(nbytes))
+        # lm-evaluation-harness divides by len(choice): characters, no leading delimiter space
+        nchars.append(len(item.continuations[len(seqs) - 1].removeprefix(" ")))
+    return Encoded(tuple(seqs), tuple(starts), tuple(nchars))

@@ -27,10 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated prompt lengths in tokens (default %(default)s)")
     p.add_argument("--new-tokens", type=int, default=8,
                    help="tokens generated per run (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="generations per codec and prompt length (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="interleaved rounds: generations per codec and prompt length, the codecs "
+                   "taking turns within each round (default %(default)s)")
     p.add_argument("--links", default=DEFAULT_LINKS,
-                   help="comma-separated presets or RATE[:LATENCY[:JITTER]] "
+                   help="comma-separated presets or RATE[:LATENCY[:JITTER[:LOSS]]] "
                    "(default %(default)s)")
     p.add_argument("--sim-link", default=None,
                    help="link of the multi-client simulation (default: the first of --links)")

@@ -4,8 +4,9 @@
 thin fronts over it). It
 
 1. starts the edge server in a child process and builds the device side here;
-2. per codec and prompt length, runs ``repeats`` generations of ``new_tokens`` tokens (after one
-   untimed warm-up per codec) and keeps every step's :class:`~fc_edge.runtime.timing.StepTiming`;
+2. runs ``repeats`` (default 5) interleaved rounds, each one generation of ``new_tokens`` tokens
+   per codec and prompt length (after one untimed warm-up per codec), and keeps every step's
+   :class:`~fc_edge.runtime.timing.StepTiming` (with its round);
 3. applies each analytic link to the measured bytes and sweeps the link rate;
 4. simulates N clients per codec over ``sim_link`` with ``workers`` server workers;
 5. runs N = 1, 2, 4, 8 real concurrent clients on loopback and compares their mean response
@@ -63,7 +64,7 @@ class ProfileConfig:
     codec_kwargs: dict[str, Any] = field(default_factory=dict)
     prompt_lengths: list[int] = field(default_factory=lambda: [32, 128])
     new_tokens: int = 8
-    repeats: int = 2
+    repeats: int = 5  # interleaved rounds; >= 5 so a prefill percentile has 5 samples
     links: list[LinkModel] = field(default_factory=lambda: list(PRESETS.values()))
     sim_link: str | None = None  # default: the first of links
     workers: int = 1
@@ -150,31 +151,39 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] | None = None) ->
         hidden = int(device.model.config.hidden_size)
         log(f"profile: server at {server.address}, split layer {server.split}, "
             f"hidden size {hidden}")
-        for name, codec in codecs.items():
-            client = device.client(server.address, codec)
-            try:
-                generate(client, device.prompt(min(cfg.prompt_lengths), cfg.seed), 2)  # warm-up
-                for plen in cfg.prompt_lengths:
-                    prompt = device.prompt(plen, cfg.seed + plen)
-                    steps: list[dict] = []
-                    setups: list[float] = []
-                    for _ in range(cfg.repeats):
+        # Codecs interleaved round by round (every round runs each codec and prompt length
+        # once), so a burst of host load lands on all codecs instead of on one.
+        clients = {name: device.client(server.address, codec) for name, codec in codecs.items()}
+        cells: dict[tuple[str, int], dict[str, list]] = {
+            (name, plen): {"steps": [], "setups": []}
+            for name in codecs for plen in cfg.prompt_lengths}
+        try:
+            for client in clients.values():  # one untimed warm-up per codec
+                generate(client, device.prompt(min(cfg.prompt_lengths), cfg.seed), 2)
+            for rnd in range(cfg.repeats):
+                for name, client in clients.items():
+                    for plen in cfg.prompt_lengths:
+                        prompt = device.prompt(plen, cfg.seed + plen)
                         t0 = time.perf_counter()
                         res = generate(client, prompt, cfg.new_tokens)
                         wall = time.perf_counter() - t0
-                        steps += [step_dict(s) for s in res.steps]
-                        setups.append(wall - sum(s.total_s for s in res.steps))
-                    summary = summarize_steps(steps, hidden)
-                    runs.append({"codec": name, "codec_config": _codec_config(codec),
-                                 "prompt_len": plen, "summary": summary,
-                                 "setup_s": setups, "steps": steps})
-                    log(f"profile: {name:>10} prompt {plen:>4}: TTFT "
-                        f"{summary['ttft']['median'] * 1e3:7.1f} ms, TPOT "
-                        f"{summary['tpot']['median'] * 1e3:6.1f} ms, "
-                        f"{summary['prefill']['bytes_up']:,.0f} B prefill, "
-                        f"{summary['decode']['bytes_up']:,.0f} B per decode step")
-            finally:
+                        cell = cells[(name, plen)]
+                        cell["steps"] += [dict(step_dict(s), round=rnd) for s in res.steps]
+                        cell["setups"].append(wall - sum(s.total_s for s in res.steps))
+        finally:
+            for client in clients.values():
                 client.close()
+        for (name, plen), cell in cells.items():
+            summary = summarize_steps(cell["steps"], hidden)
+            runs.append({"codec": name, "codec_config": _codec_config(codecs[name]),
+                         "prompt_len": plen, "summary": summary, "repeats": cfg.repeats,
+                         "setup_s": cell["setups"], "steps": cell["steps"]})
+            log(f"profile: {name:>10} prompt {plen:>4}: TTFT "
+                f"{summary['ttft']['median'] * 1e3:7.1f} ms, TPOT "
+                f"{summary['tpot']['median'] * 1e3:6.1f} ms, "
+                f"{summary['prefill']['bytes_up']:,.0f} B prefill, "
+                f"{summary['decode']['bytes_up']:,.0f} B per decode step "
+                f"({cfg.repeats} interleaved rounds)")
         if cfg.check_clients:
             check = multi_client_check(cfg, device, server.address, codecs[cfg.codecs[0]], log)
     for run in runs:

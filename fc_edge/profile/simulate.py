@@ -171,7 +171,7 @@ def simulate_clients(
         with channel.request() as turn:
             yield turn
             yield env.timeout(link.serialization_s(int(nbytes)))
-        yield env.timeout(link.sample_latency_s(rng))
+        yield env.timeout(link.sample_latency_s(rng) + link.sample_loss_s(int(nbytes), rng))
 
     def device_compute(seconds: float):
         if device_pool is None:

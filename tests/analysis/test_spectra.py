@@ -42,4 +42,21 @@ def test_parseval(S, D, seed):
     energy = float(x.square().sum())
     assert float(axis_power(x, 0).sum()) == pytest.approx(S * energy)
     assert float(axis_power(x, 1).sum()) == pytest.approx(D * energy)
-    assert 0.0 <= low_frequency_share(x, 0, 0.3) <= 1.0 + 1e-12
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 20), st.integers(2, 20), st.floats(0.05, 1.0), st.integers(0, 2**31 - 1))
+def test_share_equals_explicit_dft_matrix(S, D, fraction, seed):
+    """Oracle: the DFT as an explicit matrix F[k, s] = exp(-2 pi i k s / S) and the lowest
+    frequencies picked by hand: |k| = min(k, S - k), k before S - k on a tie."""
+    import numpy as np
+
+    x = torch.randn(S, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for dim, n in ((0, S), (1, D)):
+        a = x.numpy() if dim == 0 else x.numpy().T
+        k = np.arange(n)
+        F = np.exp(-2j * np.pi * np.outer(k, k) / n)
+        power = (np.abs(F @ a) ** 2).sum(axis=1)
+        keep = sorted(k, key=lambda i: (min(i, n - i), i))[: math.ceil(fraction * n)]
+        want = power[keep].sum() / power.sum()
+        assert low_frequency_share(x, dim, fraction) == pytest.approx(want, rel=1e-9)

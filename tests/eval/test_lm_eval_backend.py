@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed")
 
-from fc_edge.eval.runner import evaluate  # noqa: E402
+import torch  # noqa: E402
+
 from fc_edge.eval.settings import build_settings  # noqa: E402
-from fc_edge.eval.tasks import load_task  # noqa: E402
 
 
 class CharTokenizer:
@@ -29,23 +28,41 @@ def test_registered_under_fc_edge():
     assert get_model("fc-edge") is FcEdgeLM
 
 
-def test_loglikelihood_equals_eval_path(tiny_llama, tmp_path):
+def _hooked_logliks(model, tok, layer, setting, reqs):
+    """Oracle: the full Hugging Face forward, one request at a time, with the codec applied to
+    the output of decoder layer ``layer - 1`` by a forward hook (the definition of "codec at the
+    split"); continuation tokens as lm-eval splits them (context encoded alone, the rest of
+    ``encode(context + continuation)`` is the continuation)."""
+
+    def hook(_module, _inp, out):
+        h = out[0] if isinstance(out, tuple) else out
+        x_hat, _, _ = setting.send(h[0])
+        return (x_hat[None], *out[1:]) if isinstance(out, tuple) else x_hat[None]
+
+    handle = model.model.layers[layer - 1].register_forward_hook(hook)
+    out = []
+    try:
+        for ctx, cont in reqs:
+            c = tok(ctx)["input_ids"]
+            whole = tok(ctx + cont)["input_ids"]
+            with torch.inference_mode():
+                lp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+            out.append(float(sum(lp[t - 1, whole[t]] for t in range(len(c), len(whole)))))
+    finally:
+        handle.remove()
+    return out
+
+
+def test_loglikelihood_equals_hooked_full_model(tiny_llama):
     from fc_edge.eval.lm_eval_backend import FcEdgeLM
 
-    (tmp_path / "toy").mkdir()
-    recs = [{"id": str(i), "question": f"q{i}?", "choices": ["yes", "no way", "z"], "label": 1}
-            for i in range(3)]
-    (tmp_path / "toy" / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
     tok = CharTokenizer()
-    res = evaluate(tiny_llama, tok, ["toy"], build_settings("none,int8"), [2],
-                   data_dir=tmp_path, progress=False, record_items=True)
-    want = res["results"]["2"]["int8"]["items"]["toy"]
+    reqs = [("Question: q1?\nAnswer:", " yes"), ("Question: q1?\nAnswer:", " no way"),
+            ("Question: a longer question?\nAnswer:", " z")]
     lm = FcEdgeLM(pretrained=(tiny_llama, tok), split_layer=2, codec="int8", batch_size=2)
-    items = load_task("toy", tmp_path)
-    reqs = [SimpleNamespace(args=(ctx, cont)) for it in items
-            for ctx, cont in zip(it.contexts, it.continuations, strict=True)]
-    got = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
-    flat = [x for row in want for x in row]
-    assert got == pytest.approx(flat, rel=1e-5, abs=1e-5)
+    got = lm.loglikelihood([SimpleNamespace(args=r) for r in reqs], disable_tqdm=True)
+    (setting,) = build_settings("int8")
+    want = _hooked_logliks(tiny_llama, tok, 2, setting, reqs)
+    assert [ll for ll, _ in got] == pytest.approx(want, rel=1e-5, abs=1e-5)
     with pytest.raises(NotImplementedError):
         lm.generate_until([])

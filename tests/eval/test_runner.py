@@ -129,3 +129,53 @@ def test_per_token_messages(tiny_llama, tmp_path):
     S = len(tok("hello world, hello split")["input_ids"])
     assert rows["results"]["1"]["int8"]["bytes"] < block["results"]["1"]["int8"]["bytes"] / S * 1.5
     assert rows["results"]["1"]["int8"]["raw_bytes"] == 64 * 4
+
+
+def test_shared_context_equals_per_choice_path(tiny_llama, data_dir):
+    """Running the shared context once (KV cache, choices as continuations) gives the per-choice
+    path's log-likelihoods and bytes for row-wise codecs (int8, rotated with its per-message rate
+    control, shaped as the runtime binds it), whole-block ones (fourier, topk) and a codec that
+    refuses short blocks (svd: the fp16 fallback), at two split layers."""
+    tok = CharTokenizer()
+    specs = "none,int8,rotated,fourier[ratio=4],topk[ratio=4],svd[ratio=64]"
+    kw = dict(data_dir=data_dir, progress=False, record_items=True)
+    fast = evaluate(tiny_llama, tok, ["toy", "wino"], build_settings(specs), [1, 3], **kw)
+    slow = evaluate(tiny_llama, tok, ["toy", "wino"], build_settings(specs), [1, 3],
+                    shared_context=False, **kw)
+    assert fast["shared_context"] and not slow["shared_context"]
+    for task in ("toy", "wino"):
+        for a, b in zip(fast["records"][task], slow["records"][task], strict=True):
+            assert a["ref"] == pytest.approx(b["ref"], rel=1e-5, abs=1e-4)
+            for key, st in a["s"].items():
+                assert st["ll"] == pytest.approx(b["s"][key]["ll"], rel=1e-5, abs=1e-4), key
+                assert (st["bytes"], st["fb"]) == (b["s"][key]["bytes"], b["s"][key]["fb"]), key
+    assert sum(r["s"]["1:svd[ratio=64]"]["fb"] for r in fast["records"]["toy"]) > 0
+
+
+def test_records_resume_and_intervals_in_results(tiny_llama, data_dir, tmp_path):
+    from fc_edge.errors import ConfigError
+    from fc_edge.eval import report
+
+    tok = CharTokenizer()
+    rec = tmp_path / "run" / "items.jsonl"
+    first = evaluate(tiny_llama, tok, ["toy"], build_settings("none,int4"), [1],
+                     data_dir=data_dir, progress=False, records=rec)
+    assert first["timing"]["scored"] == 4
+    lines = rec.read_text().splitlines()
+    rec.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:10])  # an interrupted last line
+    again = evaluate(tiny_llama, tok, ["toy", "wino"], build_settings("none,int4"), [1],
+                     data_dir=data_dir, progress=False, records=rec)
+    assert again["timing"]["scored"] == 1 + 1  # the cut toy item and the wino item
+    assert again["results"]["1"]["int4"]["tasks"]["toy"] == first["results"]["1"]["int4"][
+        "tasks"]["toy"]
+    with pytest.raises(ConfigError, match="another run"):
+        evaluate(tiny_llama, tok, ["toy"], build_settings("none,int8"), [1], data_dir=data_dir,
+                 progress=False, records=rec)
+    r = again["results"]["1"]["int4"]
+    lo, hi = r["delta_ci95"]
+    assert lo <= r["delta"] <= hi and 0.0 <= r["mcnemar_p"] <= 1.0
+    assert r["stats"]["acc"]["n"] == 5
+    table = report.accuracy_markdown(again)
+    assert f"{r['delta']:+.1f} [{lo:+.1f}, {hi:+.1f}]" in table
+    report.plot_delta(report.delta_points(again), tmp_path / "delta.png", "Δ", goal=-0.5)
+    assert (tmp_path / "delta.png").is_file()

@@ -33,8 +33,8 @@ def test_acc_is_argmax_of_summed_loglik_first_on_ties():
     assert s.acc == 1.0 and s.pred == 1
 
 
-def test_acc_norm_divides_by_bytes_and_can_flip():
-    # choice 0: -4 over 2 bytes = -2/byte; choice 1: -6 over 12 bytes = -0.5/byte
+def test_acc_norm_divides_by_length_and_can_flip():
+    # choice 0: -4 over 2 characters = -2/char; choice 1: -6 over 12 characters = -0.5/char
     s = ItemScore([-4.0, -6.0], [2, 12], label=1)
     assert s.pred == 0 and s.acc == 0.0
     assert s.pred_norm == 1 and s.acc_norm == 1.0
@@ -49,10 +49,18 @@ def test_kl_by_hand():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.floats(-50, 0), min_size=2, max_size=8))
-def test_kl_self_is_zero_and_nonnegative(xs):
+@given(st.lists(st.tuples(st.floats(-50, 0), st.floats(-50, 0)), min_size=2, max_size=8))
+def test_kl_equals_scipy_entropy(pairs):
+    """Oracle: scipy.stats.entropy(p, q) = sum p log(p / q) of the two softmaxes."""
+    import numpy as np
+    from scipy.special import softmax
+    from scipy.stats import entropy
+
+    xs = [a for a, _ in pairs]
+    ys = [b for _, b in pairs]
+    want = float(entropy(softmax(np.array(xs)), softmax(np.array(ys))))
+    assert kl_divergence(xs, ys) == pytest.approx(want, rel=1e-6, abs=1e-9)
     assert kl_divergence(xs, xs) == pytest.approx(0.0, abs=1e-9)
-    assert kl_divergence(xs, list(reversed(xs))) >= 0.0
 
 
 def test_tally_agreement_and_means():

@@ -30,14 +30,11 @@ def test_shared_ratio_goes_to_ratio_codecs_only():
         build_settings("int8,int8")
 
 
-def test_send_counts_wire_bytes_and_falls_back_raw():
+def test_send_counts_wire_bytes():
     x = torch.randn(1, 64)
     int8 = build_settings("int8")[0]
     x_hat, nbytes, fell_back = int8.send(x)
     assert not fell_back and nbytes < x.numel() * 4 and torch.allclose(x_hat, x, atol=0.05)
-    svd = build_settings("svd[ratio=8]")[0]   # one row cannot be coded at 8x by a low-rank codec
-    x_hat, nbytes, fell_back = svd.send(x)
-    assert fell_back and nbytes == x.numel() * 4 and torch.equal(x_hat, x)
 
 
 def test_merge_accuracy_recomputes_means():
@@ -59,3 +56,16 @@ def test_spec_values_named_none_reach_the_codec():
 
     (s,) = build_settings("rotated[shaping=none]")
     assert s.codec.shaping == "none"
+
+
+def test_refused_shape_falls_back_to_fp16_like_the_runtime():
+    from fc_edge.eval.settings import FALLBACK
+    from fc_edge.runtime.server import FALLBACK_CODEC
+
+    assert FALLBACK == FALLBACK_CODEC
+    (s,) = build_settings("svd[ratio=8]")
+    x = torch.randn(1, 64) * 3
+    x_hat, nbytes, fell_back = s.send(x)  # rank 1 of one row costs 65 values > 64 / 8
+    assert fell_back
+    assert torch.equal(x_hat, x.half().float())  # float16 rounding, not the exact float32
+    assert 128 <= nbytes < 64 * 4

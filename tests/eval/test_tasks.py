@@ -32,14 +32,16 @@ def test_winogrande_partial_scoring():
     assert item.continuations == (" won.", " won.")
 
 
-def test_encode_continuation_tokens_and_bytes():
-    rec = {"question": "Q", "choices": ["yes", "no"], "label": 0}
+def test_encode_continuation_tokens_and_characters():
+    rec = {"question": "Q", "choices": ["yes", "café"], "label": 0}
     item = item_from_record("arc_easy", rec)
     enc = encode_item(item, words)
     ctx = "Question: Q\nAnswer:"
     assert enc.sequences[0] == tuple(words(ctx + " yes"))
     assert enc.starts == (len(ctx), len(ctx))
-    assert enc.cont_bytes == (3, 2)  # the choice itself, without the delimiter space
+    # lm-eval's acc_norm divides by len(choice): characters ("café" is 4, not its 5 UTF-8
+    # bytes), without the delimiter space
+    assert enc.cont_chars == (3, 4)
 
 
 def test_trailing_context_space_moves_to_continuation():
@@ -81,3 +83,27 @@ def test_data_dir_and_limit(tmp_path):
 def test_shared_tasks_load(task):
     items = load_task(task, limit=5)
     assert len(items) == 5 and all(2 <= it.n_choices <= 8 for it in items)
+
+
+def test_commonsenseqa_and_logiqa_prompts_are_lm_evals():
+    """Oracle: lm-eval 0.4's own task definitions (its YAML template, its Python doc_to_text)."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed")
+    import importlib.resources
+
+    import jinja2
+    import yaml
+    from lm_eval.tasks.logiqa.utils_logiqa import doc_to_text
+
+    q, opts = "Where is it?", ["bank", "library", "store", "mall", "new york"]
+    item = item_from_record("commonsenseqa", {"question": q, "choices": opts, "label": 3})
+    path = importlib.resources.files("lm_eval") / "tasks/commonsense_qa/default.yaml"
+    spec = yaml.safe_load(path.read_text())
+    doc = {"question": q, "choices": {"text": opts}}
+    assert item.contexts[0] == jinja2.Template(spec["doc_to_text"]).render(**doc)
+    assert item.continuations == tuple(" " + c for c in spec["doc_to_choice"])  # the letters
+
+    rec = {"context": "Four areas.", "question": "Which follows?", "label": 1,
+           "choices": ["one", "two", "three", "four"]}
+    item = item_from_record("logiqa", rec)
+    assert item.contexts[0] == doc_to_text({**rec, "options": rec["choices"]})
+    assert item.continuations == (" one", " two", " three", " four")

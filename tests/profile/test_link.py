@@ -10,20 +10,43 @@ from fc_edge.errors import ConfigError
 from fc_edge.profile.link import PRESETS, LinkModel, parse_link, parse_links, step_response_s
 
 
-def test_presets_are_the_issue_links():
-    assert PRESETS["5g"].rate_bps == 50e6 and PRESETS["5g"].latency_s == 4e-3
-    assert PRESETS["wifi6"].rate_bps == 500e6 and PRESETS["wifi6"].latency_s == 2e-3
-    assert [PRESETS[k].rate_bps for k in ("1gbit", "3gbit", "5gbit", "10gbit")] == [
-        1e9, 3e9, 5e9, 10e9]
+def test_field_presets_match_field_round_trips():
+    """A small payload's round trip (up + down) on the 5G presets lies in the 10-30 ms field
+    range; Wi-Fi is faster; the paper's links are given by rate alone."""
+    for name in ("5g", "5g-field"):
+        rtt = 2 * PRESETS[name].transfer_s(100)
+        assert 10e-3 <= rtt <= 30e-3, name
+    assert 2 * PRESETS["wifi6"].transfer_s(100) < 2 * PRESETS["5g"].transfer_s(100)
+    assert PRESETS["5g-field"].jitter_s > 0 and PRESETS["5g-field"].loss > 0
+    assert all(PRESETS[k].latency_s == 0 for k in ("1gbit", "3gbit", "5gbit", "10gbit"))
 
 
 def test_5g_hand_computed():
     # 64 KiB = 65536 B = 45.26 segments of 1448 -> 46 segments * 66 B framing = 3036 B.
-    link = PRESETS["5g"]
+    link = LinkModel("x", 50e6, 4e-3)
     assert link.wire_bytes(65536) == 65536 + 46 * 66
     expected = 4e-3 + (65536 + 3036) * 8 / 50e6  # 4 ms + 10.97152 ms
     assert link.transfer_s(65536) == pytest.approx(expected, rel=1e-12)
     assert link.transfer_s(65536) == pytest.approx(0.01497152, rel=1e-9)
+
+
+def test_loss_hand_computed_and_sampled():
+    # 10 segments, 1% loss, each loss one round trip (20 ms) + one 1514-byte frame at 50 Mbit/s
+    link = parse_link("50mbit:10ms:0ms:1%")
+    assert link.loss == pytest.approx(0.01)
+    retx = 20e-3 + 1514 * 8 / 50e6
+    n = 14480
+    want = 10e-3 + (n + 10 * 66) * 8 / 50e6 + 10 * 0.01 * retx
+    assert link.transfer_s(n) == pytest.approx(want, rel=1e-12)
+    # the sampled mean converges to the expectation (binomial losses; 3 standard errors)
+    rng = random.Random(3)
+    draws = [link.sample_transfer_s(n, rng) for _ in range(20000)]
+    sd = retx * (10 * 0.01 * 0.99) ** 0.5
+    assert abs(sum(draws) / len(draws) - want) < 3 * sd / len(draws) ** 0.5
+    with pytest.raises(ConfigError, match="loss"):
+        parse_link("50mbit:10ms:0ms:lots")
+    with pytest.raises(ConfigError, match="loss"):
+        LinkModel("bad", 1e6, loss=1.5)
 
 
 def test_raw_pipe_hand_computed():

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Full-set results of issue 12, resumable: run it again (same command) to continue where it
+# stopped. Every item / document is appended to a records file as it is scored; each stage
+# (a larger --limit per task) rewrites the JSON, tables and plots from all records so far, so
+# a stopped run leaves usable partial results: the first N items of every task.
+#
+#   bash docs/results/full_run.sh accuracy     # none + rotated, then none + int8 + fourier + topk
+#   bash docs/results/full_run.sh others       # only the second accuracy run (a second process)
+#   bash docs/results/full_run.sh perplexity   # per-token perplexity, 400 documents
+#
+# OUT (default docs/results/full) holds the records (*.jsonl), the JSON and the tables.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-docs/results/full}
+FC=${FC:-.venv/bin/fc-edge}
+SHARED=${SHARED:-../shared}
+TASKS=arc_challenge,arc_easy,commonsenseqa,cosmosqa,logiqa,openbookqa,piqa,qasc,siqa,winogrande
+mkdir -p "$OUT"
+
+accuracy() {  # $1 codecs, $2 name
+  for lim in 10 25 50 100 200 400 800 1800; do
+    nice -n 10 $FC eval --tasks "$TASKS" --data-dir "$SHARED/datasets" --split-layer 1 --codecs "$1" --ratio 8 \
+      --limit "$lim" --threads 1 --no-progress --records "$OUT/$2.jsonl" \
+      --json "$OUT/$2.json" --out-dir "$OUT/$2" > "$OUT/$2.md"
+  done
+}
+
+perplexity() {
+  for lim in 25 50 100 200 400; do
+    nice -n 10 $FC eval --perplexity "$SHARED/texts/dev.txt" --per-token --max-tokens 512 \
+      --split-layer 1 --codecs none,rotated --limit "$lim" --threads 1 --no-progress \
+      --records "$OUT/ppl_per_token.jsonl" --json "$OUT/ppl_per_token.json" \
+      --out-dir "$OUT/ppl_per_token" > "$OUT/ppl_per_token.md"
+  done
+}
+
+case "${1:-accuracy}" in
+  accuracy)
+    accuracy none,rotated main                                   # decides the fidelity verdict
+    accuracy 'none,int8,fourier[ratio=8],topk[ratio=8]' others ;;
+  others) accuracy 'none,int8,fourier[ratio=8],topk[ratio=8]' others ;;
+  perplexity) perplexity ;;
+  *) echo "usage: $0 accuracy|others|perplexity" >&2; exit 2 ;;
+esac
