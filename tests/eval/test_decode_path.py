@@ -3,7 +3,8 @@
 Oracle: the runtime itself. (1) Its pieces, step by step as the server runs a session: the
 device head one token at a time, the codec bound to the model's channel weights as
 ``DeviceClient`` binds it, ``wire.pack`` / ``wire.unpack`` / ``decode`` and the server's own tail
-(``Tail.from_hf``, the tail the server's engine runs) with its paged KV cache: payload bytes and logits per token.
+(``Tail.from_hf``, the one the engine runs) with its paged KV cache: payload bytes and
+logits per token.
 (2) The real gRPC runtime on loopback: a greedy generation whose every decode step is one row;
 its per-step upload bytes and tokens against the eval path on the same sequence.
 """
