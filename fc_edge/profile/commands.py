@@ -54,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "shaped links at these links' rates, e.g. 5g,wifi6 (root; default none)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process, server and client (default %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="where the head and the tail run: cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="precision of the head and the tail")
     p.add_argument("--prompt-seed", type=int, default=0,
                    help="seed of the random prompt ids and of the simulation (default 0)")
     p.add_argument("--out", default="profile-out", help="report folder (default %(default)s)")
@@ -75,13 +79,17 @@ def config_from_args(args: argparse.Namespace):
         sim_clients=_ints(args.sim_clients, "--sim-clients"),
         check_clients=_ints(args.check_clients, "--check-clients"),
         threads=args.threads, seed=args.prompt_seed, out=Path(args.out),
+        device=args.device, dtype=args.dtype,
         shaped_check=args.shaped_check == "auto",
         shaped_links=parse_links(args.shaped_links) if args.shaped_links else [],
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from fc_edge.devices import resolve_device, resolve_dtype
     from fc_edge.profile.profiler import run_profile
+
+    resolve_dtype(args.dtype, resolve_device(args.device))  # before any process starts
 
     report = run_profile(config_from_args(args))
     print((Path(args.out) / "profile.md").read_text())

@@ -39,6 +39,8 @@ class ServerProcess:
     split_layer: int | None
     threads: int = 1
     max_sessions: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
     startup_timeout_s: float = 300.0
     host: str = "127.0.0.1"
     prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS]
@@ -53,7 +55,8 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         cmd = [*self.prefix, sys.executable, "-m", "fc_edge.profile.driver", "serve",
                "--model", self.model, "--host", self.host,
-               "--threads", str(self.threads), "--max-sessions", str(self.max_sessions)]
+               "--threads", str(self.threads), "--max-sessions", str(self.max_sessions),
+               "--device", self.device, "--dtype", self.dtype]
         if self.split_layer is not None:
             cmd += ["--split-layer", str(self.split_layer)]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
@@ -99,16 +102,21 @@ def make_codec(name: str, kwargs: dict[str, Any]) -> Any:
 class DeviceSide:
     """The device's model, split head and fingerprint, built once and shared by every client."""
 
-    def __init__(self, model_spec: str, split_layer: int, threads: int = 1):
+    def __init__(self, model_spec: str, split_layer: int, threads: int = 1,
+                 device: str = "cpu", dtype: str = "float32"):
         import torch
 
+        from fc_edge.devices import resolve_device, resolve_dtype
         from fc_edge.models.pretrained import load_model, model_fingerprint
         from fc_edge.models.split import split
 
         torch.set_num_threads(threads)
+        place = resolve_device(device)
+        precision = resolve_dtype(dtype, place)
         self.model, self.tokenizer = load_model(model_spec)
         self.split_layer = split_layer
         self.head, _ = split(self.model, layer=split_layer)
+        self.head.to_device(place, precision)
         self.fingerprint = model_fingerprint(self.model)
         self.vocab_size = int(self.model.config.vocab_size)
         self.head_device = str(next(self.head.parameters()).device) \
@@ -233,6 +241,8 @@ def _serve(argv: Sequence[str]) -> None:
     p.add_argument("--split-layer", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-sessions", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
     a = p.parse_args(argv)
     import torch
 
@@ -240,6 +250,7 @@ def _serve(argv: Sequence[str]) -> None:
     from fc_edge.runtime.server import start_server
 
     handle = start_server(a.model, split_layer=a.split_layer, host=a.host, port=0,
+                          device=a.device, dtype=a.dtype,
                           max_sessions=a.max_sessions, idle_timeout_s=600.0)
     print(f"listening {handle.port} {handle.split_layer}", flush=True)
     try:

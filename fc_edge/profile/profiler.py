@@ -75,6 +75,8 @@ class ProfileConfig:
     check_clients: list[int] = field(default_factory=lambda: list(DEFAULT_CHECK_CLIENTS))
     check_new_tokens: int = 6
     threads: int = 1
+    device: str = "cpu"  # head (this process) and tail (the server child)
+    dtype: str = "float32"
     seed: int = 0
     out: Path = Path("profile-out")
     # payload transfers over a tbf-shaped veth link vs the analytic model (root only; skipped
@@ -146,8 +148,10 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] | None = None) ->
     runs: list[dict] = []
     check: dict | None = None
     log(f"profile: starting the edge server ({cfg.model}) in a child process")
-    with ServerProcess(cfg.model, cfg.split_layer, threads=cfg.threads) as server:
-        device = DeviceSide(cfg.model, server.split, threads=cfg.threads)
+    with ServerProcess(cfg.model, cfg.split_layer, threads=cfg.threads, device=cfg.device,
+                       dtype=cfg.dtype) as server:
+        device = DeviceSide(cfg.model, server.split, threads=cfg.threads, device=cfg.device,
+                            dtype=cfg.dtype)
         hidden = int(device.model.config.hidden_size)
         log(f"profile: server at {server.address}, split layer {server.split}, "
             f"hidden size {hidden}")
