@@ -30,6 +30,7 @@ def start(args: argparse.Namespace, max_batch: int) -> tuple[subprocess.Popen, s
     cmd = [sys.executable, "-m", "fc_edge.cli", "serve", "--model", args.model, "--port", "0",
            "--max-batch", str(max_batch), "--max-sessions", str(max(args.sessions)),
            "--max-seq-len", str(args.prompt_len + args.tokens), "--device", args.device,
+           "--prefill-chunk", str(args.prefill_chunk),
            "--dtype", args.dtype, "--log-level", "WARNING"]
     if args.split_layer is not None:
         cmd += ["--split-layer", str(args.split_layer)]
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated numbers of concurrent sessions")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per session")
     p.add_argument("--prompt-len", type=int, default=32, help="prefill rows per session")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="the servers' --prefill-chunk (prefill rows per engine iteration)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
