@@ -45,6 +45,11 @@ class CacheFullError(FcEdgeError):
     """The paged KV cache has too few free blocks for a request."""
 
 
+def blocks_for(positions: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Blocks of ``block_size`` positions that hold ``positions`` positions (at least one)."""
+    return max(1, math.ceil(positions / block_size))
+
+
 class PagedKVCache:
     """Keys and values of many sequences in blocks of ``block_size`` positions.
 
@@ -81,7 +86,7 @@ class PagedKVCache:
 
     def blocks_for(self, positions: int) -> int:
         """Blocks that hold ``positions`` positions."""
-        return max(1, math.ceil(positions / self.block_size))
+        return blocks_for(positions, self.block_size)
 
     def allocate(self, n: int) -> list[int]:
         """``n`` zeroed blocks; raises :class:`CacheFullError` when fewer are free."""
@@ -240,18 +245,17 @@ class TailSession:
         self._reserve(max_seq_len)
 
     def _reserve(self, positions: int) -> None:
-        old = getattr(self, "cache", None)
-        n = self.tail.new_cache(2).blocks_for(positions) if old is None else \
-            old.blocks_for(positions)
+        """A private cache with room for ``positions``; the blocks written so far move over."""
+        old, old_blocks = getattr(self, "cache", None), getattr(self, "blocks", [])
+        n = blocks_for(positions)
         self.cache = self.tail.new_cache(n + 1)
         self.blocks = self.cache.allocate(n)
-        if old is not None:  # grow: copy the blocks written so far
+        if old is not None:
             used = old.blocks_for(self.position)
-            src = torch.tensor(self._old_blocks[:used], device=old.k.device)
+            src = torch.tensor(old_blocks[:used], device=old.k.device)
             dst = torch.tensor(self.blocks[:used], device=old.k.device)
             self.cache.k[:, dst] = old.k[:, src]
             self.cache.v[:, dst] = old.v[:, src]
-        self._old_blocks = self.blocks
 
     def step(self, activation: Tensor, last_only: bool = False) -> Tensor:
         """activation (S, D) float for the next S positions -> logits (S, V) float32 (or (V,) of

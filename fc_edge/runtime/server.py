@@ -108,9 +108,7 @@ class _Session:
     max_new_tokens: int
     eos: frozenset[int]
     label: str
-    position: int = 0
-    step: int = 0
-    generated: int = 0
+    step: int = 0  # the next step's number = tokens generated so far
     bytes_in: int = 0
     done: bool = False
     opened_at: float = field(default_factory=time.monotonic)
@@ -196,10 +194,6 @@ class EdgeService:
         self.draining = False
 
     # --- bookkeeping --------------------------------------------------------------------------
-    def healthy(self) -> bool:
-        """Whether the service takes sessions: not draining, and its engine loop is alive."""
-        return not self.draining and self.engine.alive()
-
     def open_sessions(self) -> int:
         return len(self._sessions)
 
@@ -401,7 +395,7 @@ class EdgeService:
             return
         self.engine.close(session.engine)
         log.info("session %s closed: peer=%s codec=%s tokens=%d bytes_in=%d seconds=%.2f "
-                 "reason=%s", session.id, session.peer, session.label, session.generated,
+                 "reason=%s", session.id, session.peer, session.label, session.step,
                  session.bytes_in, time.monotonic() - session.opened_at, reason)
 
     async def _step(self, session: _Session, act: Any, received: float) -> Any:
@@ -431,12 +425,10 @@ class EdgeService:
         except ConfigError as e:
             raise SessionAbort(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         compute_s = time.perf_counter() - t0
-        session.position += x.shape[0]
         session.step += 1
-        session.generated += 1
         token = result.token
         session.done = token in session.eos or (
-            session.max_new_tokens > 0 and session.generated >= session.max_new_tokens)
+            session.max_new_tokens > 0 and session.step >= session.max_new_tokens)
         return pb2.ServerFrame(token=pb2.Token(
             step=act.step, id=token, done=session.done,
             timings=pb2.ServerTimings(unpack_s=t_unpack, decode_s=t_decode, compute_s=compute_s,
@@ -468,7 +460,8 @@ class EdgeService:
                                    f"activation must be (S, {self.hidden_size}), got shape "
                                    f"{enc.shape}")
             rows = enc.shape[0]
-            if session.position + rows > session.engine.max_seq_len:
+            # the engine's position: the session's previous step is done (one in flight)
+            if session.engine.position + rows > session.engine.max_seq_len:
                 raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"{rows} more positions exceed the session's "
                                    f"{session.engine.max_seq_len}")
