@@ -58,3 +58,17 @@ def tiny_qwen2():
     from fc_edge.models.pretrained import load_model
 
     return load_model("synthetic:tiny-qwen2")[0]
+
+
+@pytest.fixture(scope="session")
+def sliding_qwen2():
+    """tiny-qwen2 with sliding-window attention (window 5) in every layer after the first."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fc_edge.models.synthetic import SYNTHETIC_CONFIGS
+
+    fields = {k: v for k, v in SYNTHETIC_CONFIGS["tiny-qwen2"].items() if k != "model_type"}
+    fields.update(use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **fields)).eval()

@@ -68,6 +68,11 @@ def add_parser(sub: Any) -> None:
                    "the same command with the same FILE resumes after the ones already there")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="also write markdown + CSV tables and PNG plots here")
+    p.add_argument("--batch-items", type=int, default=32,
+                   help="accuracy: items scored together (their forwards share batches)")
+    p.add_argument("--batch-tokens", type=int, default=256,
+                   help="accuracy: padded rows per forward batch (256 was the fastest on a CPU "
+                   "core here; a GPU wants thousands)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_threads_arg(p)
     p.set_defaults(func=run)
@@ -125,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         res = evaluate(model, tokenizer, tasks, settings, layers, args.limit, args.data_dir,
-                       progress=progress, log=log, records=args.records)
+                       progress=progress, log=log, records=args.records,
+                       batch_items=args.batch_items, batch_tokens=args.batch_tokens)
         table = report.accuracy_markdown(res)
         rows = report.accuracy_rows(res)
         t = res["timing"]

@@ -1,9 +1,11 @@
 """A Hugging Face causal LM run layer by layer, so the work before a split is done once.
 
 :class:`LayerStack` calls the model's own modules (embedding, rotary, decoder layers, norm,
-lm_head) the way its forward does, like :class:`fc_edge.models.tail.Tail`, but over right-padded
-batches without a cache: position ``t`` of a row only attends to positions ``<= t``, so padding
-after a sequence's end changes nothing before it, and no attention mask is needed.
+lm_head) the way its forward does, like :class:`fc_edge.models.tail.Tail`, without a cache, over
+right-padded batches of either plain sequences (:meth:`LayerStack.context`: causal, so padding
+after a sequence's end changes nothing before it) or packed trees (:class:`Tree`,
+:meth:`LayerStack.tree_context`: one shared prefix and several branches in one row, each branch
+masked to see the prefix and itself only).
 
 The output of decoder layer ``L-1`` (Hugging Face ``hidden_states[L]``) is the activation a
 device sends when the model is split after layer ``L``.
@@ -12,6 +14,7 @@ device sends when the model is split after layer ``L``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,40 +68,78 @@ class LayerStack:
         return {"position_ids": position_ids, "masks": masks,
                 "position_embeddings": self.base.rotary_emb(h, position_ids)}
 
-    def run(self, h: Tensor, ctx: dict[str, Any], start: int, stop: int,
-            cache: PrefixCache | None = None) -> Tensor:
-        """Decoder layers ``start..stop-1`` on h (B, S, D). With ``cache`` the layers record
-        their keys/values (a prefix pass) or attend to the recorded prefix first (a continuation
-        pass, ``ctx`` from :meth:`continuation`)."""
+    def run(self, h: Tensor, ctx: dict[str, Any], start: int, stop: int) -> Tensor:
+        """Decoder layers ``start..stop-1`` on h (B, S, D) under ``ctx`` (:meth:`context` or
+        :meth:`tree_context`)."""
         for i in range(start, stop):
             out = self.base.layers[i](
                 h, attention_mask=ctx["masks"][self.layer_types[i]],
                 position_embeddings=ctx["position_embeddings"],
-                position_ids=ctx["position_ids"], past_key_values=cache, use_cache=False)
+                position_ids=ctx["position_ids"], past_key_values=None, use_cache=False)
             h = out[0] if isinstance(out, tuple) else out
         return h
 
-    @property
-    def can_share_prefix(self) -> bool:
-        """Whether :meth:`continuation` applies: every layer attends to all earlier positions
-        (no sliding window, whose mask this class does not build for a continuation)."""
-        return all(t == "full_attention" for t in self.layer_types)
+    def tree_context(self, trees: Sequence[Tree], h: Tensor) -> dict[str, Any]:
+        """Context of a pass over packed trees: row r of h (B, T, D) holds ``trees[r]``'s rows
+        (prefix, then each branch), right-padded. A prefix row attends to the prefix rows at or
+        before it; a branch row to the whole prefix and to its own branch's rows at or before it,
+        never to another branch; a sliding-window layer also drops keys ``window`` or more
+        positions back. Each row sees exactly what it would see in its own sequence (prefix +
+        that branch), so the result is that sequence's, up to float rounding."""
+        b, t = h.shape[:2]
+        pos = torch.zeros(b, t, dtype=torch.long)
+        seg = torch.full((b, t), -1, dtype=torch.long)  # -1: padding
+        for r, tree in enumerate(trees):
+            pos[r, : tree.rows] = torch.as_tensor(tree.positions())
+            seg[r, : tree.rows] = torch.as_tensor(tree.segments())
+        pos, seg = pos.to(self.device), seg.to(self.device)
+        q_pos, k_pos = pos[:, :, None], pos[:, None, :]
+        q_seg, k_seg = seg[:, :, None], seg[:, None, :]
+        allowed = (k_pos <= q_pos) & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)
+        allowed |= torch.eye(t, dtype=torch.bool, device=self.device)  # padding: itself only
+        masks = {}
+        for kind in dict.fromkeys(self.layer_types):
+            ok = allowed
+            if kind == "sliding_attention":
+                ok = allowed & (q_pos - k_pos < int(self.config.sliding_window))
+            # an additive float mask: the same meaning for the sdpa and eager attention kernels
+            zero = torch.zeros(b, 1, t, t, dtype=h.dtype, device=self.device)
+            masks[kind] = zero.masked_fill(~ok[:, None], torch.finfo(h.dtype).min)
+        return {"position_ids": pos, "masks": masks,
+                "position_embeddings": self.base.rotary_emb(h, pos)}
 
-    def continuation(self, prefix_len: int, h: Tensor) -> dict[str, Any]:
-        """Context of a continuation pass: h (B, K, D) holds positions ``prefix_len ..
-        prefix_len + K - 1`` of B sequences that share a recorded prefix of ``prefix_len``
-        positions. Row t attends to the whole prefix and to rows ``<= t`` (padding after a
-        row's end changes nothing before it)."""
-        b, k = h.shape[:2]
-        pos = torch.arange(prefix_len, prefix_len + k, device=self.device)
-        position_ids = pos[None].expand(b, k)
-        allowed = torch.ones(k, prefix_len + k, dtype=torch.bool, device=self.device)
-        allowed[:, prefix_len:] = torch.tril(allowed[:, prefix_len:])
-        # an additive float mask: the same meaning for the sdpa and eager attention kernels
-        mask = torch.zeros(k, prefix_len + k, dtype=h.dtype, device=self.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(h.dtype).min)[None, None].expand(b, 1, k, -1)
-        return {"position_ids": position_ids, "masks": {"full_attention": mask},
-                "position_embeddings": self.base.rotary_emb(h, position_ids)}
+    def run_trees(self, inputs: Sequence[Tensor], trees: Sequence[Tree], start: int, stop: int,
+                  keep: Sequence[int] = (), batch_tokens: int = 256
+                  ) -> tuple[list[Tensor], dict[int, list[Tensor]]]:
+        """Layers ``start..stop-1`` over packed trees: ``inputs[i]`` (``trees[i].rows``, D) is
+        tree i's activation after layer ``start - 1``. Trees go longest first into right-padded
+        batches of at most ``batch_tokens`` padded rows (a longer tree goes alone).
+
+        Returns (each tree's rows after layer ``stop - 1``, {L: each tree's rows after layer
+        ``L - 1``} for every L in ``keep``, ``start < L <= stop``)."""
+        n = len(trees)
+        outs: list[Tensor] = [inputs[0]] * n
+        kept: dict[int, list[Tensor]] = {L: [inputs[0]] * n for L in keep}
+        cuts = sorted(L for L in set(keep) if start < L < stop) + [stop]
+        order = sorted(range(n), key=lambda i: -trees[i].rows)
+        while order:
+            width = trees[order[0]].rows
+            take = max(1, min(len(order), batch_tokens // max(width, 1)))
+            batch, order = order[:take], order[take:]
+            h = inputs[batch[0]].new_zeros(len(batch), width, self.hidden_size)
+            for r, i in enumerate(batch):
+                h[r, : trees[i].rows] = inputs[i]
+            ctx = self.tree_context([trees[i] for i in batch], h)
+            prev = start
+            for cut in cuts:
+                h = self.run(h, ctx, prev, cut)
+                prev = cut
+                if cut in kept:
+                    for r, i in enumerate(batch):
+                        kept[cut][i] = h[r, : trees[i].rows]
+            for r, i in enumerate(batch):
+                outs[i] = h[r, : trees[i].rows]
+        return outs, kept
 
     def logits_at(self, h: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         """Final norm + lm_head at the (row, position) pairs only: (T,) (T,) -> (T, V) float32."""
@@ -110,28 +151,39 @@ class LayerStack:
         return self.model.lm_head(self.base.norm(h)).float()
 
 
-class PrefixCache:
-    """Keys/values of a shared prefix, for the decoder layers' ``past_key_values`` argument.
+@dataclass(frozen=True)
+class Tree:
+    """The layout of one packed row: ``prefix`` rows, then branches of ``branches[j]`` rows.
 
-    While ``extend`` is False a layer's call records its (1, heads, P, head_dim) keys and values;
-    afterwards each call returns the prefix (broadcast to the batch) followed by the new
-    positions' keys/values without storing them, so several continuation batches can reuse one
-    prefix. Duck-types the one method of a transformers ``Cache`` the attention layers call.
+    Branch j continues the prefix: its rows sit at positions ``prefix, prefix + 1, ...`` and see
+    the prefix and their own branch only (:meth:`LayerStack.tree_context`). The choices of a
+    multiple-choice item that share a context are one tree: the context once, every choice's
+    continuation a branch.
     """
 
-    def __init__(self) -> None:
-        self.kv: dict[int, tuple[Tensor, Tensor]] = {}
-        self.extend = False
+    prefix: int
+    branches: tuple[int, ...] = ()
 
-    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args: Any, **kwargs: Any
-               ) -> tuple[Tensor, Tensor]:
-        if not self.extend:
-            self.kv[layer_idx] = (key, value)
-            return key, value
-        pk, pv = self.kv[layer_idx]
-        b = key.shape[0]
-        return (torch.cat([pk.expand(b, -1, -1, -1), key], dim=2),
-                torch.cat([pv.expand(b, -1, -1, -1), value], dim=2))
+    @property
+    def rows(self) -> int:
+        return self.prefix + sum(self.branches)
+
+    def branch_start(self, j: int) -> int:
+        """Row index of branch j's first row."""
+        return self.prefix + sum(self.branches[:j])
+
+    def positions(self) -> list[int]:
+        pos = list(range(self.prefix))
+        for k in self.branches:
+            pos.extend(range(self.prefix, self.prefix + k))
+        return pos
+
+    def segments(self) -> list[int]:
+        """0 for the prefix's rows, j + 1 for branch j's."""
+        seg = [0] * self.prefix
+        for j, k in enumerate(self.branches):
+            seg.extend([j + 1] * k)
+        return seg
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, list[int]]:

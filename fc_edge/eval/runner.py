@@ -1,11 +1,14 @@
 """Accuracy and perplexity with a codec at the split, every setting in one pass over the data.
 
-Per item, the choices go through the model as one right-padded batch. The uncompressed reference
-runs once through all layers; on the way it keeps the activation after each requested split
-layer L, and every codec setting then runs only layers[L:] on its reconstruction. The codec sees
-each scored sequence's own (S, D) activation (S = that sequence's length, no padding) — exactly
-what a device would send for that prompt. The final norm and lm_head run only at the
-continuation positions.
+Items are scored in groups (:func:`score_items`): the choices of an item that share a context are
+one packed tree (the context once, each continuation a branch), and the trees of many items share
+forward batches. The uncompressed reference runs once through all layers; on the way it keeps
+the activation after each requested split layer L, and every codec setting then runs only
+layers[L:] on its reconstruction. The codec sees each scored sequence's own (S, D) activation
+(S = that sequence's length, no padding) — exactly what a device would send for that prompt. The
+final norm and lm_head run only at the rows that predict continuation tokens.
+:func:`score_item_per_choice` (every choice's whole sequence, item by item) is the slower
+reference path the tests compare with.
 """
 
 from __future__ import annotations
@@ -15,19 +18,22 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fc_edge.errors import ConfigError
-from fc_edge.eval.forward import LayerStack, PrefixCache, pad_batch
+from fc_edge.eval.forward import LayerStack, Tree, pad_batch
 from fc_edge.eval.scoring import ItemScore, Tally, mean_over_tasks
 from fc_edge.eval.settings import CodecSetting, relative_error
 from fc_edge.eval.tasks import Encoded, encode_item, load_task
 
 
 def _progress(iterable: Any, desc: str, total: int | None, enabled: bool) -> Any:
+    """``iterable`` under a progress bar (or a bar to update by hand when ``iterable`` is None);
+    ``iterable`` itself / None when not ``enabled``."""
     if not enabled:
         return iterable
     from tqdm import tqdm
@@ -104,54 +110,16 @@ def _forward_keeping(stack: Any, ids: Tensor, layers: Sequence[int]
     return h, ctx, kept
 
 
-def _run_keeping(stack: Any, h: Tensor, ctx: Any, layers: Sequence[int],
-                 cache: PrefixCache | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+def _run_keeping(stack: Any, h: Tensor, ctx: Any, layers: Sequence[int]
+                 ) -> tuple[Tensor, dict[int, Tensor]]:
     """All layers over h, keeping the activation after each split layer in ``layers``."""
     kept: dict[int, Tensor] = {}
     prev = 0
     for L in layers:
-        h = stack.run(h, ctx, prev, L, cache)
+        h = stack.run(h, ctx, prev, L)
         kept[L] = h
         prev = L
-    return stack.run(h, ctx, prev, stack.num_layers, cache), kept
-
-
-def _cont_logliks(stack: LayerStack, last: Tensor, hk: Tensor, toks: Tensor,
-                  klen: Sequence[int]) -> list[float]:
-    """Summed log-probabilities of B continuations after a shared prefix.
-
-    ``last`` (D,): the prefix's final hidden state at its last position (predicts each
-    continuation's first token); ``hk`` (B, K, D): the continuation pass; ``toks`` (B, K) long;
-    ``klen``: each row's continuation length.
-    """
-    rows = torch.cat([torch.full((k - 1,), r) for r, k in enumerate(klen)])
-    cols = torch.cat([torch.arange(k - 1) for k in klen])
-    first = stack.logits_at(last[None, None], torch.zeros(1, dtype=torch.long),
-                            torch.zeros(1, dtype=torch.long))
-    lp_first = torch.log_softmax(first.double(), -1)[0]
-    rest = stack.logits_at(hk, rows, cols) if len(rows) else first[:0]
-    lp = torch.log_softmax(rest.double(), -1)
-    tail_toks = torch.cat([toks[r, 1:k] for r, k in enumerate(klen)])
-    lp_rest = lp.gather(1, tail_toks.view(-1, 1)).view(-1).split([k - 1 for k in klen])
-    return [float(lp_first[toks[r, 0]]) + float(x.sum()) for r, x in enumerate(lp_rest)]
-
-
-def _shared_tail(stack: LayerStack, ctx_rows: Tensor, conts: Sequence[Tensor], start: int
-                 ) -> tuple[Tensor, Tensor, list[int]]:
-    """Layers ``start..N-1`` over one shared prefix ``ctx_rows`` (1, C, D) once, then over the
-    continuation rows (each (K_i, D)) as one right-padded batch attending to that prefix.
-
-    Returns (the prefix's last final hidden state (D,), the continuation pass (B, K, D), K_i).
-    """
-    cache = PrefixCache()
-    h = stack.run(ctx_rows, stack.context(ctx_rows), start, stack.num_layers, cache)
-    cache.extend = True
-    klen = [int(c.shape[0]) for c in conts]
-    hk = ctx_rows.new_zeros(len(conts), max(klen), ctx_rows.shape[-1])
-    for r, c in enumerate(conts):
-        hk[r, : c.shape[0]] = c
-    hk = stack.run(hk, stack.continuation(ctx_rows.shape[1], hk), start, stack.num_layers, cache)
-    return h[0, -1], hk, klen
+    return stack.run(h, ctx, prev, stack.num_layers), kept
 
 
 def _new_stats() -> dict[str, Any]:
@@ -213,83 +181,163 @@ def _codec_settings(stack: LayerStack, model: Any, layers: Sequence[int],
             yield L, s, st
 
 
-@torch.inference_mode()
-def score_item_shared(stack: LayerStack, model: Any, enc: Encoded, layers: Sequence[int],
-                      settings: Sequence[CodecSetting]) -> dict[str, Any]:
-    """One item with the shared context run once (same result as :func:`score_item_per_choice`
-    up to float rounding).
+@dataclass
+class _Group:
+    """Choices of item ``item`` scored in one tree: ``members`` (choice indices) share the first
+    ``prefix`` rows of their sequences (the same context tokens for the reference; the same
+    coded rows for a codec), each continuation a branch."""
 
-    The choices that share a context (the task's prompt) share its forward: the layers run over
-    the context once with a key/value cache, then over all continuations as one batch. A codec
-    still codes each choice's whole (S, D) sequence as one message, exactly as the device would
-    send it; the tail then runs over the coded context once for every group of choices whose
-    coded context rows are bit-identical (all choices for a codec that codes rows on their own
-    with a fixed quantizer; choices whose rate control picked the same step for ``rotated``).
-    The other choices (all of them for whole-block codecs) run as whole sequences in one
-    right-padded batch, as in the per-choice path.
-    """
-    seqs, starts = enc.sequences, enc.starts
-    n = len(seqs)
-    N = stack.num_layers
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (seq, st) in enumerate(zip(seqs, starts, strict=True)):
-        groups.setdefault(tuple(seq[:st]), []).append(i)
-    ref: list[float] = [0.0] * n
-    acts: dict[int, list[Tensor]] = {L: [torch.empty(0)] * n for L in layers}
-    for ctx_ids, members in groups.items():
-        c = len(ctx_ids)
-        cache = PrefixCache()
-        h, ctx = stack.start(torch.tensor([ctx_ids]))
-        h, kept_c = _run_keeping(stack, h, ctx, layers, cache)
-        cache.extend = True
-        kid, klen = pad_batch([seqs[i][c:] for i in members], 0)
-        hk = stack.base.embed_tokens(kid.to(stack.device))
-        hk, kept_k = _run_keeping(stack, hk, stack.continuation(c, hk), layers, cache)
-        for j, ll in enumerate(_cont_logliks(stack, h[0, -1], hk, kid, klen)):
-            i = members[j]
-            ref[i] = ll
-            for L in layers:
-                acts[L][i] = torch.cat([kept_c[L][0], kept_k[L][j, : klen[j]]])
-    lengths = [len(s) for s in seqs]
-    out: dict[str, Any] = {"ref": ref, "s": {}}
-    for L, s, st in _codec_settings(stack, model, layers, settings, lengths, out):
-        coded = []
-        for i in range(n):
-            x_hat, nbytes, fb = s.send(acts[L][i])
-            coded.append(x_hat)
-            _count(st, acts[L][i], x_hat, nbytes, fb)
-        ll: list[float] = [0.0] * n
-        alone: list[int] = []  # choices that share their coded context with no other
-        for ctx_ids, members in groups.items():
-            c = len(ctx_ids)
-            sub: list[list[int]] = []  # choices whose coded context rows are identical
-            for i in members:
-                for g in sub:
-                    if torch.equal(coded[g[0]][:c], coded[i][:c]):
-                        g.append(i)
-                        break
-                else:
-                    sub.append([i])
-            for g in sub:
-                if len(g) == 1:
-                    alone.append(g[0])
-                    continue
-                last, hk, klen = _shared_tail(stack, coded[g[0]][:c][None],
-                                              [coded[i][c:] for i in g], L)
-                toks, _ = pad_batch([seqs[i][c:] for i in g], 0)
-                for i, v in zip(g, _cont_logliks(stack, last, hk, toks, klen), strict=True):
-                    ll[i] = v
-        if alone:  # whole sequences as one right-padded batch, as the per-choice path
-            ids, lens = pad_batch([seqs[i] for i in alone], 0)
-            a_hat = coded[alone[0]].new_zeros(len(alone), ids.shape[1], stack.hidden_size)
-            for r, i in enumerate(alone):
-                a_hat[r, : lens[r]] = coded[i]
-            hh = stack.run(a_hat, stack.context(a_hat), L, N)
-            targets = _gather_targets(ids, lens, [starts[i] for i in alone])
-            for i, v in zip(alone, _logliks(stack, hh, *targets), strict=True):
-                ll[i] = v
-        st["ll"] = ll
+    item: int
+    members: list[int]
+    prefix: int
+    conts: list[list[int]]  # each member's continuation tokens
+
+    def tree(self, full: bool) -> Tree:
+        """Every token (``full``: the rows a device codes) or all but each continuation's last:
+        that token's output predicts nothing scored, so the scoring pass leaves it out."""
+        return Tree(self.prefix, tuple(len(c) - (0 if full else 1) for c in self.conts))
+
+    def branch_rows(self, j: int) -> slice:
+        """Rows of member j's continuation in the full tree."""
+        a = self.tree(True).branch_start(j)
+        return slice(a, a + len(self.conts[j]))
+
+    def scoring_rows(self, full: Tensor) -> Tensor:
+        """The rows of :meth:`tree` (``full`` False) taken from the full tree's rows."""
+        return torch.cat([full[: self.prefix]]
+                         + [full[self.branch_rows(j)][:-1] for j in range(len(self.conts))])
+
+
+def _group_logliks(stack: LayerStack, groups: Sequence[_Group], finals: Sequence[Tensor],
+                   chunk: int = 256) -> list[list[float]]:
+    """Each member's summed continuation log-probability from its group's scoring pass (rows of
+    ``group.tree(False)``): the first token from the prefix's last row, token t from the row of
+    token t - 1 in the member's branch."""
+    sel, toks, owner = [], [], []
+    base = 0
+    for g, (grp, h) in enumerate(zip(groups, finals, strict=True)):
+        tree = grp.tree(False)
+        first = base + grp.prefix - 1
+        for j, cont in enumerate(grp.conts):
+            a = base + tree.branch_start(j)
+            sel.extend([first, *range(a, a + len(cont) - 1)])
+            toks.extend(cont)
+            owner.extend([(g, j)] * len(cont))
+        base += tree.rows
+    hidden = torch.cat(list(finals))
+    uniq, inverse = torch.unique(torch.as_tensor(sel), return_inverse=True)
+    lp = torch.empty(len(sel), dtype=torch.float64)
+    tok = torch.as_tensor(toks)
+    for a in range(0, len(uniq), chunk):
+        rows = uniq[a: a + chunk]
+        logp = torch.log_softmax(stack.logits(hidden[rows.to(hidden.device)]).double(), -1).cpu()
+        hit = (inverse >= a) & (inverse < a + len(rows))
+        lp[hit] = logp[inverse[hit] - a, tok[hit]]
+    out = [[0.0] * len(grp.conts) for grp in groups]
+    for (g, j), v in zip(owner, lp.tolist(), strict=True):
+        out[g][j] += v
     return out
+
+
+@torch.inference_mode()
+def score_items(stack: LayerStack, model: Any, encs: Sequence[Encoded], layers: Sequence[int],
+                settings: Sequence[CodecSetting], batch_tokens: int = 256
+                ) -> list[dict[str, Any]]:
+    """Several items at once, each shared context run once (the same result as
+    :func:`score_item_per_choice` item by item, up to float rounding).
+
+    The choices of an item that share a context are one tree: the context once and each
+    continuation as a branch that sees the context and itself only (:class:`Tree`), and the
+    trees of all the items are packed into batches of ``batch_tokens`` rows. The reference runs
+    every token to the deepest split layer (those are the rows a device codes), then all but
+    each continuation's last token to the end. A codec still codes each choice's whole (S, D)
+    sequence as one message, exactly as the device would send it; choices whose coded context
+    rows are bit-identical (all of them for a codec that codes rows on their own with a fixed
+    quantizer; those whose rate control picked the same step for ``rotated``) share a tree
+    again, the others (all of them for whole-block codecs) are trees of their own.
+    """
+    N, top = stack.num_layers, max(layers)
+    groups: list[_Group] = []
+    for it, enc in enumerate(encs):
+        by_ctx: dict[tuple[int, ...], list[int]] = {}
+        for i, (seq, st) in enumerate(zip(enc.sequences, enc.starts, strict=True)):
+            by_ctx.setdefault(tuple(seq[:st]), []).append(i)
+        for ctx_ids, members in by_ctx.items():
+            c = len(ctx_ids)
+            groups.append(_Group(it, members, c, [list(enc.sequences[i][c:]) for i in members]))
+    ids = torch.cat([torch.tensor(list(encs[g.item].sequences[g.members[0]][: g.prefix])
+                                  + [t for cont in g.conts for t in cont]) for g in groups])
+    emb = stack.base.embed_tokens(ids.to(stack.device))
+    full = [g.tree(True) for g in groups]
+    top_rows, kept = stack.run_trees(list(emb.split([t.rows for t in full])), full, 0, top,
+                                     keep=layers, batch_tokens=batch_tokens)
+    finals, _ = stack.run_trees([g.scoring_rows(h) for g, h in zip(groups, top_rows,
+                                                                     strict=True)],
+                                [g.tree(False) for g in groups], top, N,
+                                batch_tokens=batch_tokens)
+    outs: list[dict[str, Any]] = [{"ref": [0.0] * len(e.sequences), "s": {}} for e in encs]
+    of_item: list[list[_Group]] = [[] for _ in encs]
+    for g in groups:
+        of_item[g.item].append(g)
+    for g, lls in zip(groups, _group_logliks(stack, groups, finals), strict=True):
+        for i, v in zip(g.members, lls, strict=True):
+            outs[g.item]["ref"][i] = v
+    # each choice's whole activation after split layer L: its context rows + its branch rows
+    acts: dict[int, list[list[Tensor]]] = {
+        L: [[torch.empty(0)] * len(e.sequences) for e in encs] for L in layers}
+    for L in layers:
+        for g, h in zip(groups, kept[L], strict=True):
+            for j, i in enumerate(g.members):
+                acts[L][g.item][i] = torch.cat([h[: g.prefix], h[g.branch_rows(j)]])
+    for L in layers:
+        coded_groups: list[_Group] = []
+        inputs: list[Tensor] = []
+        owners: list[dict[str, Any]] = []
+        for s in settings:
+            key = f"{L}:{s.label}"
+            if s.codec is None:
+                for e, out in zip(encs, outs, strict=True):
+                    out["s"][key] = _raw_stats([len(q) for q in e.sequences], stack.hidden_size,
+                                               out["ref"])
+                continue
+            s.bind(model, L)
+            for it, e in enumerate(encs):
+                outs[it]["s"][key] = st = _new_stats()
+                st["ll"] = [0.0] * len(e.sequences)
+                coded = []
+                for x in acts[L][it]:
+                    x_hat, nbytes, fb = s.send(x)
+                    coded.append(x_hat)
+                    _count(st, x, x_hat, nbytes, fb)
+                for g in of_item[it]:
+                    for sub in _identical_prefixes(coded, g):
+                        coded_groups.append(sub)
+                        inputs.append(torch.cat([coded[sub.members[0]][: sub.prefix]] + [
+                            coded[i][sub.prefix: -1] for i in sub.members]))
+                        owners.append(st)
+        if not coded_groups:
+            continue
+        finals, _ = stack.run_trees(inputs, [g.tree(False) for g in coded_groups], L, N,
+                                    batch_tokens=batch_tokens)
+        for g, st, lls in zip(coded_groups, owners, _group_logliks(stack, coded_groups, finals),
+                              strict=True):
+            for i, v in zip(g.members, lls, strict=True):
+                st["ll"][i] = v
+    return outs
+
+
+def _identical_prefixes(coded: Sequence[Tensor], g: _Group) -> list[_Group]:
+    """``g``'s members split into groups whose coded context rows are bit-identical."""
+    subs: list[_Group] = []
+    for j, i in enumerate(g.members):
+        for sub in subs:
+            if torch.equal(coded[sub.members[0]][: g.prefix], coded[i][: g.prefix]):
+                sub.members.append(i)
+                sub.conts.append(g.conts[j])
+                break
+        else:
+            subs.append(_Group(g.item, [i], g.prefix, [g.conts[j]]))
+    return subs
 
 
 class Records:
@@ -394,7 +442,8 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
              data_dir: Path | None = None, max_len: int | None = 2048,
              progress: bool = True, log: Callable[[str], None] | None = None,
              record_items: bool = False, records: Path | None = None,
-             shared_context: bool = True) -> dict[str, Any]:
+             shared_context: bool = True, batch_items: int = 32,
+             batch_tokens: int = 256) -> dict[str, Any]:
     """Multiple-choice scores of every (split layer, codec setting) on ``tasks``.
 
     Returns a JSON-ready dict: ``results[layer][label]["tasks"][task]`` -> metrics (``acc``,
@@ -404,15 +453,17 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
     :mod:`fc_edge.eval.stats`). ``record_items`` adds the per-item records (``items[task]``:
     label, choice lengths, per setting the per-choice log-likelihoods and bytes).
     ``records``: a JSON-lines file that gets every item as it is scored; a run given the same
-    file again skips the items already there (resume). ``shared_context`` (default) runs each
-    item's shared context once (:func:`score_item_shared`); False runs every choice's whole
-    sequence (:func:`score_item_per_choice`, the slower reference path).
+    file again skips the items already there (resume). ``shared_context`` (default) scores
+    ``batch_items`` items at a time, each shared context run once, in forward batches of
+    ``batch_tokens`` rows (:func:`score_items`); False runs every choice's whole sequence, item
+    by item (:func:`score_item_per_choice`, the slower reference path).
     """
     stack = LayerStack(model)
     layers = check_layers(stack, split_layers)
     encode, eos = _encoder(tokenizer)
     pad_id = eos if eos is not None else 0
-    shared = shared_context and stack.can_share_prefix
+    if batch_items < 1 or batch_tokens < 1:
+        raise ConfigError("--batch-items and --batch-tokens must be >= 1")
     sink = Records(records, {"kind": "accuracy", "split_layers": layers,
                              "settings": [s.label for s in settings], "max_len": max_len})
     by_task: dict[str, list[dict[str, Any]]] = {}
@@ -423,21 +474,31 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
         for task in tasks:
             items = load_task(task, data_dir, limit)
             t0 = time.perf_counter()
-            recs: list[dict[str, Any]] = []
             new = 0
-            with torch.inference_mode():
-                for idx, item in enumerate(_progress(items, task, len(items), progress)):
-                    rec = sink.get(task, idx)
-                    if rec is None:
-                        enc = encode_item(item, encode, prefix_id=eos, max_len=max_len)
-                        got = (score_item_shared(stack, model, enc, layers, settings) if shared
-                               else score_item_per_choice(stack, model, enc, layers, settings,
-                                                          pad_id))
-                        rec = {"task": task, "idx": idx, "id": item.id, "label": item.label,
-                               "chars": list(enc.cont_chars), **got}
-                        new += 1
-                        sink.add(rec)
-                    recs.append(rec)
+            done = {idx: sink.get(task, idx) for idx in range(len(items))}
+            todo = [idx for idx, rec in done.items() if rec is None]
+            bar = _progress(None, task, len(items), progress)
+            if bar is not None:
+                bar.update(len(items) - len(todo))
+            step = batch_items if shared_context else 1
+            for a in range(0, len(todo), step):
+                chunk = todo[a: a + step]
+                encs = [encode_item(items[i], encode, prefix_id=eos, max_len=max_len)
+                        for i in chunk]
+                got = (score_items(stack, model, encs, layers, settings, batch_tokens)
+                       if shared_context else
+                       [score_item_per_choice(stack, model, encs[0], layers, settings, pad_id)])
+                for idx, enc, g in zip(chunk, encs, got, strict=True):
+                    item = items[idx]
+                    done[idx] = rec = {"task": task, "idx": idx, "id": item.id,
+                                       "label": item.label, "chars": list(enc.cont_chars), **g}
+                    sink.add(rec)
+                new += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+            recs = [done[idx] for idx in range(len(items))]
             dt = time.perf_counter() - t0
             scored += new
             by_task[task] = recs
@@ -459,7 +520,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], settings: Sequenc
     elapsed = time.perf_counter() - t_all
     out = {"kind": "accuracy", "tasks": list(tasks), "split_layers": layers,
            "settings": [s.label for s in settings], "limit": limit, "results": results,
-           "shared_context": shared,
+           "shared_context": shared_context,
            "timing": {"tasks": timing, "items": sum(len(r) for r in by_task.values()),
                       "scored": scored, "seconds": elapsed,
                       "items_per_s": scored / elapsed if elapsed else 0.0}}

@@ -131,16 +131,21 @@ def test_per_token_messages(tiny_llama, tmp_path):
     assert rows["results"]["1"]["int8"]["raw_bytes"] == 64 * 4
 
 
-def test_shared_context_equals_per_choice_path(tiny_llama, data_dir):
-    """Running the shared context once (KV cache, choices as continuations) gives the per-choice
-    path's log-likelihoods and bytes for row-wise codecs (int8, rotated with its per-message rate
-    control, shaped as the runtime binds it), whole-block ones (fourier, topk) and a codec that
-    refuses short blocks (svd: the fp16 fallback), at two split layers."""
+@pytest.mark.parametrize("name,batch_items,batch_tokens",
+                         [("tiny_llama", 32, 256), ("tiny_llama", 3, 4), ("sliding_qwen2", 32, 64)])
+def test_batched_trees_equal_per_choice_path(request, data_dir, name, batch_items, batch_tokens):
+    """Items scored together as packed trees (each shared context once, choices as branches)
+    give the per-choice path's log-likelihoods and bytes for row-wise codecs (int8, rotated with
+    its per-message rate control, shaped as the runtime binds it), whole-block ones (fourier,
+    topk) and a codec that refuses short blocks (svd: the fp16 fallback), at two split layers,
+    whatever the batching, also with sliding-window layers."""
+    model = request.getfixturevalue(name)
     tok = CharTokenizer()
     specs = "none,int8,rotated,fourier[ratio=4],topk[ratio=4],svd[ratio=64]"
     kw = dict(data_dir=data_dir, progress=False, record_items=True)
-    fast = evaluate(tiny_llama, tok, ["toy", "wino"], build_settings(specs), [1, 3], **kw)
-    slow = evaluate(tiny_llama, tok, ["toy", "wino"], build_settings(specs), [1, 3],
+    fast = evaluate(model, tok, ["toy", "wino"], build_settings(specs), [1, 3],
+                    batch_items=batch_items, batch_tokens=batch_tokens, **kw)
+    slow = evaluate(model, tok, ["toy", "wino"], build_settings(specs), [1, 3],
                     shared_context=False, **kw)
     assert fast["shared_context"] and not slow["shared_context"]
     for task in ("toy", "wino"):

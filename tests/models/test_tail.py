@@ -11,22 +11,11 @@ from fc_edge.models.split import split
 from fc_edge.models.tail import CacheFullError, Tail
 
 
-def sliding_qwen2():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fc_edge.models.synthetic import SYNTHETIC_CONFIGS
-
-    fields = {k: v for k, v in SYNTHETIC_CONFIGS["tiny-qwen2"].items() if k != "model_type"}
-    fields.update(use_sliding_window=True, sliding_window=5, max_window_layers=1)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **fields)).eval()
-
-
 MODELS = ["tiny_llama", "tiny_qwen2", "sliding_qwen2"]
 
 
 def get_model(request, name):
-    return sliding_qwen2() if name == "sliding_qwen2" else request.getfixturevalue(name)
+    return request.getfixturevalue(name)
 
 
 @pytest.mark.parametrize("name", MODELS)
