@@ -17,8 +17,8 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -215,7 +215,7 @@ def _group_logliks(stack: LayerStack, groups: Sequence[_Group], finals: Sequence
     token t - 1 in the member's branch."""
     sel, toks, owner = [], [], []
     base = 0
-    for g, (grp, h) in enumerate(zip(groups, finals, strict=True)):
+    for g, grp in enumerate(groups):
         tree = grp.tree(False)
         first = base + grp.prefix - 1
         for j, cont in enumerate(grp.conts):

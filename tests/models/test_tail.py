@@ -10,7 +10,6 @@ from fc_edge.errors import ConfigError
 from fc_edge.models.split import split
 from fc_edge.models.tail import CacheFullError, Tail
 
-
 MODELS = ["tiny_llama", "tiny_qwen2", "sliding_qwen2"]
 
 
