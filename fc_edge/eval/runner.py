@@ -364,11 +364,14 @@ class Records:
             if first != run:
                 raise ConfigError(f"{path} holds another run ({first}); give another --records "
                                   "file or the same settings")
+            if not lines[-1].endswith("\n"):  # cut by an interrupted run: scored again
+                with open(path, "r+b") as f:
+                    f.truncate(path.stat().st_size - len(lines.pop().encode("utf-8")))
             for line in lines[1:]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
-                    break  # a line cut by an interrupted run: that item is scored again
+                    continue  # a damaged line: that item is scored again
                 self.done[(rec.get("task", ""), int(rec["idx"]))] = rec
             self.sink = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
         else:

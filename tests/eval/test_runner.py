@@ -171,6 +171,10 @@ def test_records_resume_and_intervals_in_results(tiny_llama, data_dir, tmp_path)
     again = evaluate(tiny_llama, tok, ["toy", "wino"], build_settings("none,int4"), [1],
                      data_dir=data_dir, progress=False, records=rec)
     assert again["timing"]["scored"] == 1 + 1  # the cut toy item and the wino item
+    assert all(json.loads(line) for line in rec.read_text().splitlines())  # nothing glued on
+    third = evaluate(tiny_llama, tok, ["toy", "wino"], build_settings("none,int4"), [1],
+                     data_dir=data_dir, progress=False, records=rec)
+    assert third["timing"]["scored"] == 0
     assert again["results"]["1"]["int4"]["tasks"]["toy"] == first["results"]["1"]["int4"][
         "tasks"]["toy"]
     with pytest.raises(ConfigError, match="another run"):
