@@ -5,7 +5,8 @@
 # a stopped run leaves usable partial results: the first N items of every task.
 #
 #   bash docs/results/full_run.sh accuracy     # none + rotated, then none + int8 + fourier + topk
-#   bash docs/results/full_run.sh others       # only the second accuracy run (a second process)
+#   bash docs/results/full_run.sh main         # only the first (none + rotated)
+#   bash docs/results/full_run.sh others       # only the second (in a second process beside it)
 #   bash docs/results/full_run.sh perplexity   # per-token perplexity, 400 documents
 #
 # OUT (default docs/results/full) holds the records (*.jsonl), the JSON and the tables.
@@ -14,13 +15,14 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-docs/results/full}
 FC=${FC:-.venv/bin/fc-edge}
 SHARED=${SHARED:-../shared}
+THREADS=${THREADS:-1}   # torch threads per run (1 when two runs share 2 cores)
 TASKS=arc_challenge,arc_easy,commonsenseqa,cosmosqa,logiqa,openbookqa,piqa,qasc,siqa,winogrande
 mkdir -p "$OUT"
 
 accuracy() {  # $1 codecs, $2 name
   for lim in 10 25 50 100 200 400 800 1800; do
     nice -n 10 $FC eval --tasks "$TASKS" --data-dir "$SHARED/datasets" --split-layer 1 --codecs "$1" --ratio 8 \
-      --limit "$lim" --threads 1 --no-progress --records "$OUT/$2.jsonl" \
+      --limit "$lim" --threads "$THREADS" --no-progress --records "$OUT/$2.jsonl" \
       --json "$OUT/$2.json" --out-dir "$OUT/$2" > "$OUT/$2.md"
   done
 }
@@ -28,7 +30,7 @@ accuracy() {  # $1 codecs, $2 name
 perplexity() {
   for lim in 25 50 100 200 400; do
     nice -n 10 $FC eval --perplexity "$SHARED/texts/dev.txt" --per-token --max-tokens 512 \
-      --split-layer 1 --codecs none,rotated --limit "$lim" --threads 1 --no-progress \
+      --split-layer 1 --codecs none,rotated --limit "$lim" --threads "$THREADS" --no-progress \
       --records "$OUT/ppl_per_token.jsonl" --json "$OUT/ppl_per_token.json" \
       --out-dir "$OUT/ppl_per_token" > "$OUT/ppl_per_token.md"
   done
@@ -38,7 +40,8 @@ case "${1:-accuracy}" in
   accuracy)
     accuracy none,rotated main                                   # decides the fidelity verdict
     accuracy 'none,int8,fourier[ratio=8],topk[ratio=8]' others ;;
+  main) accuracy none,rotated main ;;
   others) accuracy 'none,int8,fourier[ratio=8],topk[ratio=8]' others ;;
   perplexity) perplexity ;;
-  *) echo "usage: $0 accuracy|others|perplexity" >&2; exit 2 ;;
+  *) echo "usage: $0 accuracy|main|others|perplexity" >&2; exit 2 ;;
 esac
