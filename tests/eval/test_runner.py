@@ -186,5 +186,7 @@ def test_records_resume_and_intervals_in_results(tiny_llama, data_dir, tmp_path)
     assert r["stats"]["acc"]["n"] == 5
     table = report.accuracy_markdown(again)
     assert f"{r['delta']:+.1f} [{lo:+.1f}, {hi:+.1f}]" in table
+    a_lo, a_hi = r["agreement_ci95"]  # the agreement shown is the one its interval is about
+    assert f"{100 * r['stats']['acc']['agreement']:.1f} [{a_lo:.1f}, {a_hi:.1f}]" in table
     report.plot_delta(report.delta_points(again), tmp_path / "delta.png", "Δ", goal=-0.5)
     assert (tmp_path / "delta.png").is_file()
