@@ -152,7 +152,7 @@ def score_item_per_choice(stack: LayerStack, model: Any, enc: Encoded, layers: S
     h, ctx, kept = _forward_keeping(stack, ids, layers)
     ref = _logliks(stack, h, rows, cols, toks, counts)
     out: dict[str, Any] = {"ref": ref, "s": {}}
-    for L, s, st in _codec_settings(stack, model, layers, settings, lengths, out):
+    for L, s, (st,) in _codec_settings(stack, model, layers, settings, [(lengths, out)]):
         a_hat = kept[L].clone()
         for r, n in enumerate(lengths):
             x = kept[L][r, :n]
@@ -165,20 +165,25 @@ def score_item_per_choice(stack: LayerStack, model: Any, enc: Encoded, layers: S
 
 
 def _codec_settings(stack: LayerStack, model: Any, layers: Sequence[int],
-                    settings: Sequence[CodecSetting], lengths: Sequence[int],
-                    out: dict[str, Any]) -> Any:
-    """Fill ``out["s"]`` for the uncompressed settings (the reference's log-likelihoods, float32
-    bytes); yield (layer, setting, its fresh stats dict, already in ``out``) for each codec,
-    bound to the model at that layer."""
+                    settings: Sequence[CodecSetting],
+                    items: Sequence[tuple[Sequence[int], dict[str, Any]]]) -> Any:
+    """Fill each item's ``out["s"]`` for the uncompressed settings (the reference's
+    log-likelihoods, float32 bytes); ``items``: (sequence lengths, out) per item. Yield (layer,
+    setting, each item's fresh stats dict, already in its ``out``) for each codec, bound to the
+    model at that layer."""
     for L in layers:
         for s in settings:
             key = f"{L}:{s.label}"
             if s.codec is None:
-                out["s"][key] = _raw_stats(lengths, stack.hidden_size, out["ref"])
+                for lengths, out in items:
+                    out["s"][key] = _raw_stats(lengths, stack.hidden_size, out["ref"])
                 continue
             s.bind(model, L)
-            out["s"][key] = st = _new_stats()
-            yield L, s, st
+            stats = []
+            for _, out in items:
+                out["s"][key] = st = _new_stats()
+                stats.append(st)
+            yield L, s, stats
 
 
 @dataclass
@@ -289,38 +294,32 @@ def score_items(stack: LayerStack, model: Any, encs: Sequence[Encoded], layers: 
         for g, h in zip(groups, kept[L], strict=True):
             for j, i in enumerate(g.members):
                 acts[L][g.item][i] = torch.cat([h[: g.prefix], h[g.branch_rows(j)]])
+    lengths = [[len(q) for q in e.sequences] for e in encs]
+    coded_groups: dict[int, list[_Group]] = {L: [] for L in layers}
+    inputs: dict[int, list[Tensor]] = {L: [] for L in layers}
+    owners: dict[int, list[dict[str, Any]]] = {L: [] for L in layers}
+    for L, s, stats in _codec_settings(stack, model, layers, settings,
+                                       list(zip(lengths, outs, strict=True))):
+        for it, st in enumerate(stats):
+            st["ll"] = [0.0] * len(lengths[it])
+            coded = []
+            for x in acts[L][it]:
+                x_hat, nbytes, fb = s.send(x)
+                coded.append(x_hat)
+                _count(st, x, x_hat, nbytes, fb)
+            for g in of_item[it]:
+                for sub in _identical_prefixes(coded, g):
+                    coded_groups[L].append(sub)
+                    inputs[L].append(torch.cat([coded[sub.members[0]][: sub.prefix]] + [
+                        coded[i][sub.prefix: -1] for i in sub.members]))
+                    owners[L].append(st)
     for L in layers:
-        coded_groups: list[_Group] = []
-        inputs: list[Tensor] = []
-        owners: list[dict[str, Any]] = []
-        for s in settings:
-            key = f"{L}:{s.label}"
-            if s.codec is None:
-                for e, out in zip(encs, outs, strict=True):
-                    out["s"][key] = _raw_stats([len(q) for q in e.sequences], stack.hidden_size,
-                                               out["ref"])
-                continue
-            s.bind(model, L)
-            for it, e in enumerate(encs):
-                outs[it]["s"][key] = st = _new_stats()
-                st["ll"] = [0.0] * len(e.sequences)
-                coded = []
-                for x in acts[L][it]:
-                    x_hat, nbytes, fb = s.send(x)
-                    coded.append(x_hat)
-                    _count(st, x, x_hat, nbytes, fb)
-                for g in of_item[it]:
-                    for sub in _identical_prefixes(coded, g):
-                        coded_groups.append(sub)
-                        inputs.append(torch.cat([coded[sub.members[0]][: sub.prefix]] + [
-                            coded[i][sub.prefix: -1] for i in sub.members]))
-                        owners.append(st)
-        if not coded_groups:
+        if not coded_groups[L]:
             continue
-        finals, _ = stack.run_trees(inputs, [g.tree(False) for g in coded_groups], L, N,
+        finals, _ = stack.run_trees(inputs[L], [g.tree(False) for g in coded_groups[L]], L, N,
                                     batch_tokens=batch_tokens)
-        for g, st, lls in zip(coded_groups, owners, _group_logliks(stack, coded_groups, finals),
-                              strict=True):
+        for g, st, lls in zip(coded_groups[L], owners[L],
+                              _group_logliks(stack, coded_groups[L], finals), strict=True):
             for i, v in zip(g.members, lls, strict=True):
                 st["ll"][i] = v
     return outs
