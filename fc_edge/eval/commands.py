@@ -73,6 +73,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-tokens", type=int, default=256,
                    help="accuracy: padded rows per forward batch (256 was the fastest on a CPU "
                    "core here; a GPU wants thousands)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu, cuda or cuda:N (float32 everywhere: the "
+                   "scores are the reference the codecs are judged against)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_threads_arg(p)
     p.set_defaults(func=run)
@@ -114,9 +117,12 @@ def run(args: argparse.Namespace) -> int:
     layers = _int_list(args.split_layer, "--split-layer")
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be >= 1")
+    from fc_edge.devices import device_name, resolve_device
     from fc_edge.models.pretrained import load_model
 
+    device = resolve_device(args.device)  # before the weights load: a bad device is one line
     model, tokenizer = load_model(args.model)
+    model.to(device)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -138,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"{t['items']} items in {t['seconds']:.1f} s: {t['items_per_s']:.2f} items/s "
             f"({len(settings)} settings x {len(res['split_layers'])} layers)")
     res["model"] = args.model
+    res["device"] = device_name(device)
     print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def _gather_targets(ids: Tensor, lengths: Sequence[int], starts: Sequence[int]
 def _logliks(stack: LayerStack, h: Tensor, rows: Tensor, cols: Tensor, toks: Tensor,
              counts: list[int]) -> list[float]:
     logits = stack.logits_at(h, rows, cols)
-    lp = torch.log_softmax(logits.double(), dim=-1).gather(1, toks.view(-1, 1)).view(-1)
+    lp = torch.log_softmax(logits.double(), dim=-1).cpu().gather(1, toks.view(-1, 1)).view(-1)
     return [float(x.sum()) for x in lp.split(counts)]
 
 
@@ -635,7 +635,8 @@ def perplexity(model: Any, tokenizer: Any, path: Path, settings: Sequence[CodecS
 
 
 def _nll(logits: Tensor, targets: Tensor) -> float:
-    return float(-torch.log_softmax(logits.double(), -1).gather(1, targets.view(-1, 1)).sum())
+    lp = torch.log_softmax(logits.double(), -1)
+    return float(-lp.gather(1, targets.to(lp.device).view(-1, 1)).sum())
 
 
 @torch.inference_mode()

@@ -190,3 +190,32 @@ def test_records_resume_and_intervals_in_results(tiny_llama, data_dir, tmp_path)
     assert f"{100 * r['stats']['acc']['agreement']:.1f} [{a_lo:.1f}, {a_hi:.1f}]" in table
     report.plot_delta(report.delta_points(again), tmp_path / "delta.png", "Δ", goal=-0.5)
     assert (tmp_path / "delta.png").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_scores_equal_cpu_scores(tiny_llama, data_dir, tmp_path):
+    """`fc-edge eval --device cuda`: the same scores and bytes as on the CPU (float32 on both),
+    for the batched trees, the per-choice path and per-token perplexity."""
+    import copy
+
+    tok = CharTokenizer()
+    gpu = copy.deepcopy(tiny_llama).to("cuda")
+    specs = "none,int8,rotated,fourier[ratio=4]"
+    for kw in ({}, {"shared_context": False}):
+        a = evaluate(tiny_llama, tok, ["toy", "wino"], build_settings(specs), [1],
+                     data_dir=data_dir, progress=False, **kw)
+        b = evaluate(gpu, tok, ["toy", "wino"], build_settings(specs), [1],
+                     data_dir=data_dir, progress=False, **kw)
+        for task, recs in a["records"].items():
+            for ra, rb in zip(recs, b["records"][task], strict=True):
+                assert ra["ref"] == pytest.approx(rb["ref"], abs=1e-3)
+                for key, st in ra["s"].items():
+                    assert st["ll"] == pytest.approx(rb["s"][key]["ll"], abs=1e-2), key
+    path = tmp_path / "docs.txt"
+    path.write_text("hello world, hello split\n")
+    a = perplexity(tiny_llama, tok, path, build_settings("none,int8"), [1], progress=False,
+                   per_token=True)
+    b = perplexity(gpu, tok, path, build_settings("none,int8"), [1], progress=False,
+                   per_token=True)
+    assert a["reference_ppl"] == pytest.approx(b["reference_ppl"], rel=1e-4)
+    assert a["results"]["1"]["int8"]["bytes"] == b["results"]["1"]["int8"]["bytes"]

@@ -82,7 +82,8 @@ def test_user_mistakes_are_one_line(argv, message, capsys):
                                   ["demo", "--model", "synthetic:tiny-llama"],
                                   ["generate", "--server", "127.0.0.1:1", "--prompt", "hi",
                                    "--model", "synthetic:tiny-llama"],
-                                  ["profile", "--model", "synthetic:tiny-llama"]])
+                                  ["profile", "--model", "synthetic:tiny-llama"],
+                                  ["eval", "--model", "synthetic:tiny-llama"]])
 def test_missing_gpu_is_one_line(verb, capsys):
     assert main([*verb, "--device", "cuda"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
