@@ -8,7 +8,8 @@
 Each plan is deserialized once (:class:`TensorRTEngines`) with one execution context; a step
 binds named tensors (``set_input_shape`` / ``set_tensor_address``) to torch CUDA tensors and
 runs ``execute_async_v3`` on torch's current stream. The key/value cache stays on the GPU: each
-cache tensor of a session has two buffers of ``max_seq_len`` positions, one holding the past
+cache tensor of a session has two buffers of ``max_seq_len`` positions (separate allocations,
+so each is aligned as TensorRT wants), one holding the past
 ``(1, n_kv, T, hd)`` and the other receiving the present ``(1, n_kv, T + S, hd)`` (contiguous
 views of their first elements), swapped after each step, so nothing is allocated or copied per
 step beyond what the graph itself does. Caches are in the plan's type (float16 for a strongly typed
@@ -31,6 +32,9 @@ from fc_edge.engine.graphs import kv_names
 from fc_edge.errors import ConfigError
 
 USE_ONNXRUNTIME = "or run the ONNX graphs with --engine-backend onnxruntime"
+# TensorRT wants tensor addresses aligned to 256 bytes; torch's CUDA allocator gives 512 to
+# every allocation, so only views into the middle of one (a slice of the ids) need a copy
+ALIGNMENT = 256
 
 
 def torch_dtypes(trt: Any) -> dict[Any, torch.dtype]:
@@ -92,6 +96,8 @@ class TensorRTGraph:
             if not ctx.set_input_shape(name, shape):
                 raise ConfigError(f"TensorRT refused the shape {list(shape)} of {name} "
                                   f"({self.path.name})")
+            if t.data_ptr() % ALIGNMENT:
+                t = inputs[name] = t.clone()
             ctx.set_tensor_address(name, t.data_ptr())
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
@@ -195,14 +201,14 @@ class TensorRTSession:
         size = self._kv_shape[1] * max_seq_len * self._kv_shape[2]
         # per cache tensor: two buffers, [current] holds the past, [1 - current] gets the present
         self._buffers = [
-            torch.empty((2, size), dtype=engines.kv_dtype, device=engines.device)
+            [torch.empty(size, dtype=engines.kv_dtype, device=engines.device) for _ in range(2)]
             for _ in engines.past_names
         ]
         self._current = 0
 
     def _view(self, i: int, half: int, length: int) -> Tensor:
         b, n_kv, hd = self._kv_shape
-        return self._buffers[i][half, : n_kv * length * hd].view(b, n_kv, length, hd)
+        return self._buffers[i][half][: n_kv * length * hd].view(b, n_kv, length, hd)
 
     @property
     def past(self) -> list[Tensor]:

@@ -467,3 +467,15 @@ def test_tensorrt_gpu_end_to_end(tiny_llama, tmp_path, allow_fp16):
         prompt = torch.tensor([1, 17, 42, 99, 3, 250, 7])
         on_cpu = SimpleNamespace(start=start)
         assert generate_split(on_cpu, tail, prompt, 8) == generate_split(head, tail, prompt, 8)
+
+
+def test_cli_generate_on_plans_it_cannot_run_is_one_line(llama16, tmp_path, capsys):
+    """`generate --engine DIR --engine-backend tensorrt` on a folder without plans (or here,
+    without tensorrt and a GPU) stops in one line before loading the model or connecting."""
+    from fc_edge.cli import main
+
+    rc = main(["generate", "--engine", str(llama16.folder), "--engine-backend", "tensorrt",
+               "--server", "127.0.0.1:1", "--prompt", "hi"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "\n" not in err
+    assert "has no TensorRT plans" in err and "--engine-backend onnxruntime" in err
