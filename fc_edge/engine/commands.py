@@ -37,7 +37,11 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--ratio-seq-len", type=int, default=128,
                    help="prefill length the --ratio geometry is chosen for (default 128)")
     p.add_argument("--tensorrt", action="store_true",
-                   help="also build fp16 TensorRT engines (needs the tensorrt package)")
+                   help="also build TensorRT plans, fp16 where the installed TensorRT can "
+                   "(needs the tensorrt package; the manifest says what was built)")
+    p.add_argument("--float16", action="store_true",
+                   help="also write float16 copies of the graphs (prefill.float16.onnx, ...), "
+                   "verified on the CPU; --tensorrt does it when its TensorRT needs them")
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="torch.onnx exporter (default dynamo; torchscript is faster, deprecated)")
     p.add_argument("--tolerance", type=float, default=1e-4,
@@ -67,7 +71,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     result = export_engine(
         model, args.split_layer, args.out, model_spec=args.model, name=args.name,
-        fourier=fourier, tensorrt=args.tensorrt, exporter=args.exporter,
+        fourier=fourier, tensorrt=args.tensorrt, float16=args.float16,
+        exporter=args.exporter,
         tolerance=args.tolerance, log=lambda msg: print(msg, flush=True))
     m = result.manifest
     total = sum(f["bytes"] for f in m["files"].values())

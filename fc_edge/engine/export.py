@@ -5,13 +5,19 @@ are fronts over it. It writes to ``<out>/<name>/``:
 
 * ``prefill.onnx``, ``decode.onnx``: the two graphs of :mod:`fc_edge.engine.graphs` (opset 18,
   float32, batch 1; weights inside each file);
-* ``prefill.fp16.plan``, ``decode.fp16.plan`` with ``--tensorrt``: serialized TensorRT engines;
+* ``prefill.float16.onnx``, ``decode.float16.onnx`` with ``float16=True`` (or when the installed
+  TensorRT builds fp16 only from a float16 graph): the head exported in float16, the same
+  inputs and outputs by name (caches float16, the activation float32);
+* ``prefill.<precision>.plan``, ``decode.<precision>.plan`` with ``--tensorrt``: serialized
+  TensorRT engines in the precision the installed TensorRT really builds
+  (:func:`fc_edge.engine.tensorrt.choose_precision`);
 * ``manifest.json``: model fingerprint, split layer, graph inputs / outputs with shapes and
   dtypes, opset, the fourier block geometry, verification errors, SHA-256 of every file.
 
 Verification runs each graph with onnxruntime on the CPU and compares every output with the
 torch head (:class:`~fc_edge.models.head.HeadSession` for the activation): the error is
-``max |ort - torch| / max |torch|`` per output, and the export fails above ``tolerance``.
+``max |ort - torch| / max |torch|`` per output, and the export fails above ``tolerance``
+(:data:`FLOAT16_TOLERANCE` for the float16 graphs, against the same float32 torch head).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from fc_edge.errors import ConfigError, FcEdgeError
 
 OPSET = 18
 TOLERANCE = 1e-4
+# float16 graphs against the float32 torch head: fp16 rounds to 2^-11 relative per value, and a
+# few layers of it (weights, caches, matmul outputs) stay well inside 1e-2 of the largest value
+FLOAT16_TOLERANCE = 1e-2
 MANIFEST = "manifest.json"
 MAX_SEQ_LEN = 8192  # upper bound of the dynamic token / past axes declared to the exporter
 
@@ -99,6 +108,7 @@ def export_engine(
     name: str | None = None,
     fourier: tuple[int, int] | None = None,
     tensorrt: bool = False,
+    float16: bool = False,
     exporter: str = "dynamo",
     tolerance: float = TOLERANCE,
     verify_len: int = 12,
@@ -107,9 +117,11 @@ def export_engine(
 ) -> ExportResult:
     """Export embed + layers[:split_layer] of ``model`` (a spec for ``load_model`` or a loaded
     Llama / Qwen2 causal LM) to ``out/name/``; see the module doc. ``fourier=(k_s, k_d)`` adds
-    the in-graph block output. ``tensorrt=True`` also builds fp16 TensorRT engines (raises
-    :class:`ConfigError` naming the package when ``tensorrt`` is not importable, before any
-    work). ``exporter``: ``"dynamo"`` or ``"torchscript"`` (see :func:`_onnx_export`).
+    the in-graph block output. ``tensorrt=True`` also builds TensorRT engines in the precision
+    the installed TensorRT allows (raises :class:`ConfigError` naming the package when
+    ``tensorrt`` is not importable, before any work); ``float16=True`` also writes (and
+    verifies) the float16 graphs, which a TensorRT without ``BuilderFlag.FP16`` needs and so
+    gets without asking. ``exporter``: ``"dynamo"`` or ``"torchscript"`` (see :func:`_onnx_export`).
     Verification runs a ``verify_len``-token prefill and ``verify_steps`` decode steps.
     """
     from fc_edge.models.pretrained import load_model, model_fingerprint
@@ -117,10 +129,15 @@ def export_engine(
 
     if exporter not in ("dynamo", "torchscript"):
         raise ConfigError(f"exporter must be dynamo or torchscript, got {exporter!r}")
+    precision = None
     if tensorrt:
-        from fc_edge.engine.tensorrt import require_tensorrt
+        from fc_edge.engine.tensorrt import choose_precision, require_tensorrt
 
         require_tensorrt()
+        import tensorrt as trt
+
+        precision = choose_precision(trt)
+        float16 = float16 or precision.onnx_dtype == "float16"
     say = log or (lambda msg: None)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -191,6 +208,7 @@ def export_engine(
             "normalisation": "none (torch.fft backward), as fc_edge.ops.spectral_compress",
         },
         "graphs": graphs,
+        "graphs_float16": None,
         "tensorrt": None,
         "files": {},
     }
@@ -211,12 +229,35 @@ def export_engine(
     seconds["verify"] = time.perf_counter() - t0
     say("verified against the torch head: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
 
+    manifest["verification_float16"] = None
+    if float16:
+        t0 = time.perf_counter()
+        manifest["graphs_float16"] = export_float16(head, fourier, folder, verify_len, exporter)
+        seconds["export_float16"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine16 = EngineHead(folder, manifest=manifest, providers=["CPUExecutionProvider"],
+                              onnx_dtype="float16")
+        errors16 = verify_engine(engine16, head, fourier, verify_len, verify_steps,
+                                 FLOAT16_TOLERANCE)
+        manifest["verification_float16"] = {
+            **manifest["verification"],
+            "metric": "max |onnxruntime float16 graph - float32 torch head| / max |torch| "
+            "per output",
+            "tolerance": FLOAT16_TOLERANCE,
+            "max_relative_error": errors16,
+        }
+        seconds["verify_float16"] = time.perf_counter() - t0
+        say("float16 graphs verified against the float32 torch head: "
+            + ", ".join(f"{k} {v:.2e}" for k, v in errors16.items()))
+
     if tensorrt:
         from fc_edge.engine.tensorrt import build_engines
 
         t0 = time.perf_counter()
         manifest["tensorrt"] = build_engines(folder, manifest)
         seconds["tensorrt"] = time.perf_counter() - t0
+        say(f"built {manifest['tensorrt']['prefill']}, {manifest['tensorrt']['decode']} "
+            f"(TensorRT {manifest['tensorrt']['version']}, {precision.note if precision else ''})")
 
     manifest["files"] = {
         p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
@@ -226,6 +267,36 @@ def export_engine(
     manifest["export_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return ExportResult(folder, manifest, seconds)
+
+
+def export_float16(
+    head: Any, fourier: tuple[int, int] | None, folder: Path, example_len: int, exporter: str
+) -> dict[str, Any]:
+    """Export ``prefill.float16.onnx`` and ``decode.float16.onnx`` from a float16 copy of the
+    (float32) torch ``head``: weights and key/value caches float16, while the head itself keeps
+    RMSNorm means, softmax and rotary angles in float32 and returns the activation in float32
+    (the in-graph fourier block too). Same input and output names as the float32 graphs; checked
+    with the ONNX checker. Returns the io spec (as ``manifest["graphs"]``)."""
+    import copy
+
+    import onnx
+
+    head16 = copy.deepcopy(head).to_device("cpu", torch.float16).eval()
+    D = head.hidden_size
+    block = FourierBlock(D, *fourier).eval() if fourier else None
+    block_decode = FourierBlock(D, 1, fourier[1]).eval() if fourier else None
+    graphs = {
+        "prefill": _export_prefill(
+            head16, block, folder / "prefill.float16.onnx", example_len, exporter
+        ),
+        "decode": _export_decode(head16, block_decode, folder / "decode.float16.onnx", exporter),
+    }
+    for spec in graphs.values():
+        try:
+            onnx.checker.check_model(str(folder / spec["file"]), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"{folder / spec['file']} fails the ONNX checker: {e}") from None
+    return graphs
 
 
 def file_sha256(path: Path) -> str:

@@ -1,17 +1,23 @@
-"""Run an exported head with onnxruntime: a drop-in for the torch head in the device client.
+"""Run an exported head (onnxruntime, or TensorRT plans): a drop-in for the torch head in the
+device client.
 
 >>> engine = EngineHead("engines/smollm2-135m-L1")
 >>> session = engine.start(max_seq_len=64)
 >>> a = session.step(torch.tensor([1, 2, 3]))    # (3, D) float32, like HeadSession.step
 >>> session.last_block                            # (1, R, k_d, 2) with the in-graph fourier option
 
-Providers are tried in the order TensorRT -> CUDA -> CPU, keeping those this onnxruntime build
-offers (``onnxruntime-gpu`` / JetPack's build have the first two). The TensorRT provider builds
-its own fp16 engine on first use and caches it in ``<engine>/trt-cache/``.
+The backend (:func:`choose_backend`): ``"tensorrt"`` runs the folder's own plans
+(``fc-edge export --tensorrt``) with :mod:`fc_edge.engine.trt_runner`, chosen by ``"auto"`` when
+the manifest lists plans, ``tensorrt`` imports and torch sees a CUDA GPU; ``"onnxruntime"``
+otherwise. For onnxruntime, providers are tried in the order TensorRT -> CUDA -> CPU, keeping
+those this onnxruntime build offers (``onnxruntime-gpu`` / JetPack's build have the first two).
+The TensorRT provider builds its own fp16 engine on first use and caches it in
+``<engine>/trt-cache/``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,7 @@ from torch import Tensor
 from fc_edge.engine.graphs import kv_names
 from fc_edge.errors import ConfigError
 
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 PREFERRED_PROVIDERS = (
     "TensorrtExecutionProvider",
     "CUDAExecutionProvider",
@@ -69,9 +76,40 @@ def select_providers(requested: list[str] | None = None) -> list[str]:
     return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
 
 
+def has_plans(folder: Path, manifest: dict[str, Any]) -> bool:
+    """Whether the manifest lists TensorRT plans and both files are in ``folder``."""
+    entry = manifest.get("tensorrt")
+    return bool(entry) and all((folder / entry[g]).is_file() for g in ("prefill", "decode"))
+
+
+def choose_backend(
+    folder: Path, manifest: dict[str, Any], backend: str, providers: list[str] | None
+) -> str:
+    """``"tensorrt"`` or ``"onnxruntime"`` for ``backend`` ``"auto"`` (plans listed and present,
+    ``tensorrt`` importable, a CUDA GPU, no onnxruntime providers asked for) or as given."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"engine backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "tensorrt" and providers:
+        raise ConfigError("onnxruntime providers were given for the tensorrt backend: drop one")
+    if backend != "auto":
+        return backend
+    if (
+        providers is None
+        and has_plans(folder, manifest)
+        and importlib.util.find_spec("tensorrt") is not None
+        and torch.cuda.is_available()
+    ):
+        return "tensorrt"
+    return "onnxruntime"
+
+
 class EngineHead:
     """The exported head in ``folder`` behind the head interface: :meth:`start`,
     ``hidden_size``, ``layer``, ``config`` and ``fingerprint`` (the model's, from the manifest).
+
+    ``backend``: ``"auto"``, ``"onnxruntime"`` or ``"tensorrt"`` (see :func:`choose_backend`);
+    ``providers`` and ``threads`` are onnxruntime's, ``onnx_dtype="float16"`` runs the float16
+    graphs with onnxruntime (the export verifies them that way).
     """
 
     def __init__(
@@ -80,11 +118,35 @@ class EngineHead:
         providers: list[str] | None = None,
         manifest: dict[str, Any] | None = None,
         threads: int = 0,
+        backend: str = "auto",
+        onnx_dtype: str = "float32",
     ) -> None:
-        import onnxruntime as ort
-
         self.folder = Path(folder)
         self.manifest = manifest if manifest is not None else load_manifest(self.folder)
+        self.config = EngineConfig(self.manifest)
+        self.fingerprint: str = self.manifest["model_fingerprint"]
+        weights = self.manifest.get("channel_weights")
+        self.channel_weights = torch.tensor(weights) if weights else None
+        self.fourier: dict[str, Any] | None = self.manifest.get("fourier")
+        self.past_names, self.present_names = kv_names(self.layer)
+        self.backend = choose_backend(self.folder, self.manifest, backend, providers)
+        if self.backend == "tensorrt":
+            from fc_edge.engine.trt_runner import TensorRTEngines
+
+            self.providers: list[str] = []
+            self.trt = TensorRTEngines(self.folder, self.manifest)
+            return
+        self._load_onnxruntime(providers, threads, onnx_dtype)
+
+    def _load_onnxruntime(self, providers: list[str] | None, threads: int, onnx_dtype: str) -> None:
+        import onnxruntime as ort
+
+        graphs = {"float32": self.manifest["graphs"],
+                  "float16": self.manifest.get("graphs_float16")}
+        if onnx_dtype not in graphs:
+            raise ConfigError(f"onnx_dtype must be float32 or float16, got {onnx_dtype!r}")
+        if not graphs[onnx_dtype]:
+            raise ConfigError(f"{self.folder} has no float16 graphs: export with --float16")
         self.providers = select_providers(providers)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -108,18 +170,12 @@ class EngineHead:
                 provider_args.append(p)
         self.sessions = {}
         for graph in ("prefill", "decode"):
-            path = self.folder / self.manifest["graphs"][graph]["file"]
+            path = self.folder / graphs[onnx_dtype][graph]["file"]
             if not path.is_file():
                 raise ConfigError(f"{path} is missing: export the engine again")
             self.sessions[graph] = ort.InferenceSession(
                 str(path), sess_options=opts, providers=provider_args
             )
-        self.config = EngineConfig(self.manifest)
-        self.fingerprint: str = self.manifest["model_fingerprint"]
-        weights = self.manifest.get("channel_weights")
-        self.channel_weights = torch.tensor(weights) if weights else None
-        self.fourier: dict[str, Any] | None = self.manifest.get("fourier")
-        self.past_names, self.present_names = kv_names(self.layer)
 
     @property
     def layer(self) -> int:
@@ -133,7 +189,11 @@ class EngineHead:
     def dtype(self) -> torch.dtype:
         return torch.float32
 
-    def start(self, max_seq_len: int) -> EngineSession:
+    def start(self, max_seq_len: int) -> Any:
+        """A session (:class:`EngineSession`, or
+        :class:`~fc_edge.engine.trt_runner.TensorRTSession` on the tensorrt backend)."""
+        if self.backend == "tensorrt":
+            return self.trt.start(max_seq_len)
         return EngineSession(self, max_seq_len)
 
 

@@ -64,6 +64,10 @@ def add_parser(subparsers: Any) -> None:
     _add_split_arg(g)
     g.add_argument("--engine", default=None,
                    help="run the head from an exported engine folder (see `fc-edge export`)")
+    g.add_argument("--engine-backend", choices=("auto", "onnxruntime", "tensorrt"),
+                   default="auto",
+                   help="what runs --engine: its TensorRT plans or the ONNX graphs with "
+                   "onnxruntime (default auto: the plans where tensorrt and a CUDA GPU are)")
     g.add_argument("--server", required=True,
                    help="HOST:PORT of `fc-edge serve`; several as A,B,C spread sessions and "
                    "recover onto each other; or one gRPC target (dns:///NAME:PORT)")
@@ -186,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.engine:
         from fc_edge.engine import EngineHead
 
-        head = EngineHead(args.engine)
+        head = EngineHead(args.engine, backend=args.engine_backend)
         if args.split_layer not in (None, head.layer):
             raise ConfigError(f"--split-layer {args.split_layer}, but {args.engine} was exported "
                               f"at layer {head.layer}")
