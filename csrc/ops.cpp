@@ -1,7 +1,8 @@
 // Registers the fused spectral ops with the PyTorch dispatcher: schemas in TORCH_LIBRARY, CUDA
 // kernels in TORCH_LIBRARY_IMPL. The math lives in kernels/ (torch-free); this file checks the
 // inputs, allocates output, scratch and the cuFFT work areas through torch's caching allocator,
-// and runs the kernels on the current stream. fc_edge/ops.py registers the fake (meta) kernels and dispatches.
+// and runs the kernels on the current stream. fc_edge/ops.py registers the fake (meta) kernels
+// and dispatches.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -84,7 +85,7 @@ at::Tensor spectral_compress_cuda(const at::Tensor& x, int64_t k_s, int64_t k_d)
   at::Tensor workspace = workspace_for(spectral_compress_workspace_bytes(g, dtype, plans), x);
   spectral_compress(xc.data_ptr(), dtype, g, out.data_ptr<float>(), workspace.data_ptr(), plans,
                     stream);
-  return out;  // frees the workspace after its kernels are enqueued: see workspace_for
+  return out;  // frees the workspace and ends the lease, every kernel enqueued: see workspace_for
 }
 
 at::Tensor spectral_decompress_cuda(const at::Tensor& block, int64_t S, int64_t D, int64_t k_s) {
