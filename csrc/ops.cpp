@@ -1,7 +1,8 @@
 // Registers the fused spectral ops with the PyTorch dispatcher: schemas in TORCH_LIBRARY, CUDA
 // kernels in TORCH_LIBRARY_IMPL. The math lives in kernels/ (torch-free); this file checks the
-// inputs, allocates output and scratch through torch's caching allocator, and runs the kernels
-// on the current stream. fc_edge/ops.py registers the fake (meta) kernels and dispatches.
+// inputs, allocates output, scratch and the cuFFT work areas through torch's caching allocator,
+// and runs the kernels on the current stream. fc_edge/ops.py registers the fake (meta) kernels
+// and dispatches.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -9,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "kernels/spectral.h"
@@ -53,6 +55,16 @@ at::Tensor aligned_contiguous(const at::Tensor& t, std::uintptr_t alignment) {
   return c;
 }
 
+// The op's scratch buffers and the cuFFT work areas, from torch's caching allocator on the
+// current stream (the stream every kernel and cuFFT execution of the call runs on). Freed when
+// the op returns, with its work only enqueued: the allocator reuses a block only for later work
+// on the same stream (stream order), so no record_stream is needed. During CUDA-graph capture it
+// comes from the graph's private pool and lives as long as the graph. cuFFT never allocates a
+// work area of its own (plans are made with cufftSetAutoAllocation(0)).
+at::Tensor workspace_for(std::size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
 at::Tensor spectral_compress_cuda(const at::Tensor& x, int64_t k_s, int64_t k_d) {
   const char* op = "fc_edge::spectral_compress";
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
@@ -66,11 +78,14 @@ at::Tensor spectral_compress_cuda(const at::Tensor& x, int64_t k_s, int64_t k_d)
   at::Tensor out = at::empty({B, g.rows(), k_d, 2}, x.options().dtype(at::kFloat));
   if (B == 0) return out;
   const at::Tensor xc = aligned_contiguous(x, 16);
-  const auto bytes = static_cast<int64_t>(spectral_compress_workspace_bytes(g, dtype));
-  at::Tensor workspace = at::empty({bytes}, x.options().dtype(at::kByte));
-  spectral_compress(xc.data_ptr(), dtype, g, out.data_ptr<float>(), workspace.data_ptr(),
-                    c10::cuda::getCurrentCUDAStream().stream());
-  return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  // Exclusive use of the cached plans until the end of this call (another thread with the same
+  // shape waits here); throws during CUDA-graph capture when no plan is cached.
+  PlanLease plans = lease_compress_plans(g, dtype, stream);
+  at::Tensor workspace = workspace_for(spectral_compress_workspace_bytes(g, dtype, plans), x);
+  spectral_compress(xc.data_ptr(), dtype, g, out.data_ptr<float>(), workspace.data_ptr(), plans,
+                    stream);
+  return out;  // frees the workspace and ends the lease, every kernel enqueued: see workspace_for
 }
 
 at::Tensor spectral_decompress_cuda(const at::Tensor& block, int64_t S, int64_t D, int64_t k_s) {
@@ -90,19 +105,25 @@ at::Tensor spectral_decompress_cuda(const at::Tensor& block, int64_t S, int64_t 
   at::Tensor out = at::empty({B, S, D}, block.options());
   if (B == 0) return out;
   const at::Tensor bc = aligned_contiguous(block, 8);
-  const auto bytes = static_cast<int64_t>(spectral_decompress_workspace_bytes(g));
-  at::Tensor workspace = at::empty({bytes}, block.options().dtype(at::kByte));
-  spectral_decompress(bc.data_ptr<float>(), g, out.data_ptr<float>(), workspace.data_ptr(),
-                      c10::cuda::getCurrentCUDAStream().stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  PlanLease plans = lease_decompress_plans(g, stream);
+  at::Tensor workspace = workspace_for(spectral_decompress_workspace_bytes(g, plans), block);
+  spectral_decompress(bc.data_ptr<float>(), g, out.data_ptr<float>(), workspace.data_ptr(), plans,
+                      stream);
   return out;
 }
 
-// Diagnostics for tests and benchmarks (no tensors, so one kernel for every backend).
+// Diagnostics and the cache knob for tests, benchmarks and servers (no tensors, so one kernel for
+// every backend). Evicted plans are destroyed at once unless the current stream is capturing a
+// CUDA graph (then by a later call outside capture).
 int64_t plan_cache_size_op() { return static_cast<int64_t>(plan_cache_size()); }
+int64_t plan_cache_pinned_op() { return static_cast<int64_t>(plan_cache_pinned()); }
 void set_plan_cache_capacity_op(int64_t capacity) {
   TORCH_CHECK(capacity >= 0, "fc_edge: plan cache capacity must be >= 0, got ", capacity);
-  set_plan_cache_capacity(static_cast<std::size_t>(capacity));
+  set_plan_cache_capacity(static_cast<std::size_t>(capacity),
+                          c10::cuda::getCurrentCUDAStream().stream());
 }
+void clear_plan_cache_op() { clear_plan_cache(c10::cuda::getCurrentCUDAStream().stream()); }
 
 }  // namespace
 
@@ -110,7 +131,9 @@ TORCH_LIBRARY(fc_edge, m) {
   m.def("spectral_compress(Tensor x, int k_s, int k_d) -> Tensor");
   m.def("spectral_decompress(Tensor block, int S, int D, int k_s) -> Tensor");
   m.def("plan_cache_size() -> int", &plan_cache_size_op);
+  m.def("plan_cache_pinned() -> int", &plan_cache_pinned_op);
   m.def("set_plan_cache_capacity(int capacity) -> ()", &set_plan_cache_capacity_op);
+  m.def("clear_plan_cache() -> ()", &clear_plan_cache_op);
 }
 
 TORCH_LIBRARY_IMPL(fc_edge, CUDA, m) {

@@ -5,6 +5,8 @@
 - ``csrc/tests/layout_emulation.cpp`` (the kernels' buffer layouts, cuFFT strides and
   gather/expand index maps, run on the host with a float64 DFT in place of cuFFT) matches a
   direct 2-D DFT: a wrong stride fails here, not first on a GPU;
+- ``csrc/tests/plan_cache_emulation.cpp`` runs the plan cache (leases, eviction, CUDA-graph
+  capture rules) on the host against recording stubs of the CUDA runtime and cuFFT;
 - ``csrc/ops.cpp`` passes ``g++ -fsyntax-only`` against the installed torch's headers.
 Without nvcc (or a host compiler) the tests skip and say why.
 """
@@ -129,6 +131,45 @@ def test_layout_emulation_matches_direct_dft(tmp_path: Path) -> None:
     ran = _run([str(exe)], timeout=60)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "geometries ok" in ran.stdout
+
+
+def test_plan_cache_leases_and_capture_rules_on_host(tmp_path: Path) -> None:
+    """plan_cache.cu (host code only) linked with stub CUDA runtime / cuFFT calls that record
+    what happens: 8 threads on 5 shapes with capacity 2 never share a plan or destroy a leased
+    one, plans are made without cuFFT's own work area, and a capturing stream makes and destroys
+    no plan, pins what it uses and refuses a miss with a warm-up hint."""
+    cxx = _host_compiler()
+    home = _cuda_home()
+    if cxx is None or home is None:
+        pytest.skip("needs a host C++ compiler and the CUDA runtime headers")
+    _, include = _require_nvcc_and_cufft()
+    exe = tmp_path / "plan_cache_emulation"
+    cmd = [
+        cxx,
+        "-std=c++17",
+        "-O1",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-pthread",
+        "-isystem",
+        str(home / "include"),
+        "-isystem",
+        str(include),
+        "-x",
+        "c++",
+        str(CSRC / "kernels" / "plan_cache.cu"),
+        "-x",
+        "none",
+        str(CSRC / "tests" / "plan_cache_emulation.cpp"),
+        "-o",
+        str(exe),
+    ]
+    built = _run(cmd, timeout=180)
+    assert built.returncode == 0, f"{' '.join(cmd)}\n{built.stderr[-4000:]}"
+    ran = _run([str(exe)], timeout=120)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "0 violations" in ran.stdout
 
 
 def test_ops_cpp_syntax_against_torch_headers(tmp_path: Path) -> None:

@@ -3,12 +3,15 @@
 CPU (always): the torch path equals a float64 oracle built from explicit DFT matrices, and
 decompress . compress is a projection (idempotent). CUDA (marked ``cuda``, skipped without a GPU
 or without the built ``fc_edge._C``): the fused op equals the torch path and passes
-``torch.library.opcheck``.
+``torch.library.opcheck``, also from 8 host threads sharing and evicting plans, replayed from a
+captured CUDA graph, and with the device's free memory held in torch's cache (its cuFFT work
+area comes from torch's caching allocator).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -284,16 +287,18 @@ def test_cuda_misaligned_and_strided_inputs():
 def test_cuda_side_stream_and_plan_cache():
     x = torch.randn(2, 64, 128, device="cuda")
     want = ops.spectral_compress_torch(x, 8, 16)
+    torch.ops.fc_edge.clear_plan_cache()
     torch.ops.fc_edge.spectral_compress(x, 8, 16)
-    size = torch.ops.fc_edge.plan_cache_size()
+    assert torch.ops.fc_edge.plan_cache_size() == 1
     torch.ops.fc_edge.spectral_compress(x, 8, 16)
-    assert torch.ops.fc_edge.plan_cache_size() == size  # same key: reused
+    assert torch.ops.fc_edge.plan_cache_size() == 1  # same key: reused
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         got = torch.ops.fc_edge.spectral_compress(x, 8, 16)
     torch.cuda.current_stream().wait_stream(stream)
     assert rel_err(got, want) <= 1e-5
+    assert torch.ops.fc_edge.plan_cache_size() == 1  # no stream in the key: one plan serves all
     try:
         torch.ops.fc_edge.set_plan_cache_capacity(2)
         for S in (10, 11, 12):
@@ -301,6 +306,152 @@ def test_cuda_side_stream_and_plan_cache():
         assert torch.ops.fc_edge.plan_cache_size() <= 2
     finally:
         torch.ops.fc_edge.set_plan_cache_capacity(16)
+
+
+THREAD_SHAPES = [(2, 33, 65, 10, 20), (1, 64, 128, 8, 16), (3, 1, 7, 1, 4), (2, 100, 96, 17, 49)]
+
+
+@needs_cuda_ext
+def test_cuda_threads_share_and_evict_plans():
+    """8 host threads at once, 4 shapes, plan cache capacity 2: threads share plans (same shape,
+    on the default stream or each on its own) and evict plans other threads hold. cuFFT allows a
+    plan in one thread at a time; every result must still equal the torch path."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [torch.randn(B, S, D, device="cuda", generator=gen) for B, S, D, _, _ in THREAD_SHAPES]
+    blocks = [ops.spectral_compress_torch(x, g[3], g[4]) for x, g in zip(inputs, THREAD_SHAPES)]
+    recons = [
+        ops.spectral_decompress_torch(b, g[1], g[2], g[3]) for b, g in zip(blocks, THREAD_SHAPES)
+    ]
+    torch.cuda.synchronize()
+    n_threads, rounds = 8, 12
+    results: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(n_threads)
+
+    def work(t: int) -> None:
+        try:
+            stream = torch.cuda.Stream() if t % 2 else None  # None: the default stream
+            with torch.cuda.stream(stream):
+                start.wait()
+                for i in range(rounds):
+                    j = (t + i) % len(THREAD_SHAPES)
+                    _, S, D, k_s, k_d = THREAD_SHAPES[j]
+                    block = torch.ops.fc_edge.spectral_compress(inputs[j], k_s, k_d)
+                    y = torch.ops.fc_edge.spectral_decompress(blocks[j], S, D, k_s)
+                    results.append((j, block, y))
+            torch.cuda.synchronize()
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    try:
+        torch.ops.fc_edge.set_plan_cache_capacity(2)
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors[0]
+        assert len(results) == n_threads * rounds
+        assert torch.ops.fc_edge.plan_cache_size() <= 2
+        for j, block, y in results:
+            assert rel_err(block, blocks[j]) <= 1e-5, THREAD_SHAPES[j]
+            assert rel_err(y, recons[j]) <= 1e-5, THREAD_SHAPES[j]
+    finally:
+        torch.ops.fc_edge.set_plan_cache_capacity(16)
+
+
+@needs_cuda_ext
+def test_cuda_graph_capture_after_warm_up():
+    """Warm up on a side stream (torch's CUDA-graph recipe), capture compress + decompress,
+    evict every unpinned plan and make others, then replay with new inputs: the graph's plans
+    were pinned, and the replays equal the torch path."""
+    B, S, D, k_s, k_d = 2, 48, 96, 6, 12  # a shape no other test uses
+    static_x = torch.randn(B, S, D, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            block = torch.ops.fc_edge.spectral_compress(static_x, k_s, k_d)
+            torch.ops.fc_edge.spectral_decompress(block, S, D, k_s)
+    torch.cuda.current_stream().wait_stream(side)
+    pinned = torch.ops.fc_edge.plan_cache_pinned()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_block = torch.ops.fc_edge.spectral_compress(static_x, k_s, k_d)
+        static_y = torch.ops.fc_edge.spectral_decompress(static_block, S, D, k_s)
+    assert torch.ops.fc_edge.plan_cache_pinned() == pinned + 2  # compress's and decompress's
+    try:  # churn: destroy every unpinned plan, make and evict others
+        torch.ops.fc_edge.set_plan_cache_capacity(0)
+        for s in (20, 21, 22):
+            torch.ops.fc_edge.spectral_compress(torch.randn(1, s, 96, device="cuda"), 3, 12)
+    finally:
+        torch.ops.fc_edge.set_plan_cache_capacity(16)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(B, S, D, device="cuda", generator=gen)
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = ops.spectral_compress_torch(x, k_s, k_d)
+        assert rel_err(static_block, want) <= 1e-5
+        assert rel_err(static_y, ops.spectral_decompress_torch(static_block, S, D, k_s)) <= 1e-5
+
+
+@needs_cuda_ext
+def test_cuda_graph_capture_without_warm_up_refuses():
+    """No plan can be made during capture: the op says to warm up instead of breaking it."""
+    x = torch.randn(1, 50, 70, device="cuda")  # a shape no other test uses
+    torch.ops.fc_edge.clear_plan_cache()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="Warm up"):
+        with torch.cuda.graph(graph):
+            torch.ops.fc_edge.spectral_compress(x, 3, 5)
+
+
+@needs_cuda_ext
+def test_cuda_work_area_comes_from_torchs_allocator():
+    """cuFFT's work area is memory from torch's caching allocator, not a cudaMalloc of cuFFT's:
+    with the device's free memory parked in torch's cache (allocated, then freed to the cache)
+    and 256 MiB left, plans for a new shape are made and run, and torch's peak grows by more than
+    the op's own buffers. D = 4099 is prime, so cuFFT uses Bluestein's algorithm, whose work area
+    for these 8192 rows should be far above 256 MiB (not measured yet): a work area cuFFT
+    allocated itself would then fail with CUFFT_ALLOC_FAILED."""
+    B, S, D, k_s, k_d = 4, 2048, 4099, 4, 8
+    x = torch.randn(B, S, D, device="cuda")
+    want = ops.spectral_compress_torch(x, k_s, k_d)
+    want_y = ops.spectral_decompress_torch(want, S, D, k_s)  # torch's own plans, made before
+    torch.ops.fc_edge.clear_plan_cache()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    headroom = 256 << 20
+    filler = []
+    try:
+        while True:
+            free, _ = torch.cuda.mem_get_info()
+            take = min(free - headroom, 1 << 30)
+            if take < (8 << 20):
+                break
+            filler.append(torch.empty(take, dtype=torch.uint8, device="cuda"))
+    except torch.OutOfMemoryError:
+        pass
+    try:
+        filler.clear()  # freed to torch's cache: still reserved, not free on the device
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        got = torch.ops.fc_edge.spectral_compress(x, k_s, k_d)
+        y = torch.ops.fc_edge.spectral_decompress(got, S, D, k_s)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        assert rel_err(got, want) <= 1e-5
+        assert rel_err(y, want_y) <= 1e-5
+        own = 4 * B * S * D + 8 * B * S * (D // 2 + 1) + 8 * S * B * k_d  # out(y) + Y + Z
+        assert peak >= own + (1 << 20), (
+            f"peak {peak} B: the op's buffers alone are {own} B, so no cuFFT work area came "
+            "from torch (or cuFFT needed none for this size)"
+        )
+    finally:
+        filler.clear()
+        torch.cuda.empty_cache()
 
 
 @needs_cuda_ext

@@ -114,6 +114,42 @@ T* at_offset(void* workspace, std::size_t offset) {
   return reinterpret_cast<T*>(static_cast<char*>(workspace) + offset);
 }
 
+// The cuFFT work areas follow the op's own buffers in one workspace, one per plan: cuFFT wants
+// the work areas of different plans not to overlap.
+struct WorkAreas {
+  std::size_t off_d, off_s, total;
+};
+
+WorkAreas work_areas(std::size_t scratch_bytes, const SpectralPlans& p) {
+  WorkAreas w{};
+  w.off_d = align_up(scratch_bytes);
+  w.off_s = w.off_d + align_up(p.work_d);
+  w.total = w.off_s + align_up(p.work_s);
+  return w;
+}
+
+// Binds a leased plan to this call's stream and work area; the lease keeps other threads off
+// the plan until its executions are enqueued.
+void bind(cufftHandle plan, void* work_area, cudaStream_t stream) {
+  FC_CUFFT_CHECK(cufftSetStream(plan, stream));
+  FC_CUFFT_CHECK(cufftSetWorkArea(plan, work_area));
+}
+
+PlanKey plan_key(SpectralOp op, const Geometry& g, InputDType dtype) {
+  return PlanKey{op, g.B, g.S, g.D, g.k_d, dtype, current_device()};
+}
+
+void require_lease(const PlanLease& plans, const PlanKey& key) {
+  if (!(plans.key() == key)) {
+    throw std::invalid_argument("fc_edge: the plan lease is for another op, shape or device");
+  }
+}
+
+void require_batch(const Geometry& g) {
+  check_geometry(g);
+  if (g.B < 1) throw std::invalid_argument("fc_edge: no cuFFT plans for an empty batch (B = 0)");
+}
+
 }  // namespace
 
 void check_geometry(const Geometry& g) {
@@ -130,18 +166,46 @@ void check_geometry(const Geometry& g) {
   if (g.k_d < 1 || g.k_d > g.D / 2 + 1) fail("k_d must be in 1..D/2+1");
 }
 
-std::size_t spectral_compress_workspace_bytes(const Geometry& g, InputDType dtype) {
-  return compress_layout(g, dtype).workspace_bytes;
+PlanLease lease_compress_plans(const Geometry& g, InputDType dtype, cudaStream_t stream) {
+  require_batch(g);
+  const CompressLayout L = compress_layout(g, dtype);
+  return lease_plans(plan_key(SpectralOp::Compress, g, dtype), stream, [&](SpectralPlans& p) {
+    p.along_d = make_plan(L.r2c, CUFFT_R2C, &p.work_d);
+    p.has_d = true;
+    if (L.along_s) {
+      p.along_s = make_plan(L.c2c, CUFFT_C2C, &p.work_s);
+      p.has_s = true;
+    }
+  });
 }
 
-std::size_t spectral_decompress_workspace_bytes(const Geometry& g) {
-  return decompress_layout(g).workspace_bytes;
+std::size_t spectral_compress_workspace_bytes(const Geometry& g, InputDType dtype,
+                                              const PlanLease& plans) {
+  return work_areas(compress_layout(g, dtype).workspace_bytes, plans.plans()).total;
+}
+
+PlanLease lease_decompress_plans(const Geometry& g, cudaStream_t stream) {
+  require_batch(g);
+  const DecompressLayout L = decompress_layout(g);
+  return lease_plans(plan_key(SpectralOp::Decompress, g, InputDType::Float32), stream,
+                     [&](SpectralPlans& p) {
+                       p.along_d = make_plan(L.c2r, CUFFT_C2R, &p.work_d);
+                       p.has_d = true;
+                       if (L.along_s) {
+                         p.along_s = make_plan(L.c2c, CUFFT_C2C, &p.work_s);
+                         p.has_s = true;
+                       }
+                     });
+}
+
+std::size_t spectral_decompress_workspace_bytes(const Geometry& g, const PlanLease& plans) {
+  return work_areas(decompress_layout(g).workspace_bytes, plans.plans()).total;
 }
 
 void spectral_compress(const void* x, InputDType dtype, const Geometry& g, float* out,
-                       void* workspace, cudaStream_t stream) {
-  check_geometry(g);
-  if (g.B == 0) return;
+                       void* workspace, PlanLease& plans, cudaStream_t stream) {
+  require_batch(g);
+  require_lease(plans, plan_key(SpectralOp::Compress, g, dtype));
   const CompressLayout L = compress_layout(g, dtype);
   require_aligned(workspace, 256, "the workspace");
   require_aligned(out, 8, "the output block");
@@ -156,24 +220,18 @@ void spectral_compress(const void* x, InputDType dtype, const Geometry& g, float
   float2* Y = at_offset<float2>(workspace, L.off_y);
   float2* Z = at_offset<float2>(workspace, L.off_z);
 
-  const PlanKey key{SpectralOp::Compress, g.B, g.S, g.D, g.k_d, dtype, current_device(),
-                    reinterpret_cast<std::uintptr_t>(stream)};
-  const auto plans = acquire_plans(key, [&](SpectralPlans& p) {
-    p.along_d = make_plan(L.r2c, CUFFT_R2C, stream);
-    p.has_d = true;
-    if (L.along_s) {
-      p.along_s = make_plan(L.c2c, CUFFT_C2C, stream);
-      p.has_s = true;
-    }
-  });
+  SpectralPlans& p = plans.plans();
+  const WorkAreas w = work_areas(L.workspace_bytes, p);
+  bind(p.along_d, at_offset<char>(workspace, w.off_d), stream);
+  if (L.along_s) bind(p.along_s, at_offset<char>(workspace, w.off_s), stream);
 
   // Out-of-place R2C leaves its input intact, so x is read in place.
-  FC_CUFFT_CHECK(cufftExecR2C(plans->along_d, const_cast<cufftReal*>(xf),
+  FC_CUFFT_CHECK(cufftExecR2C(p.along_d, const_cast<cufftReal*>(xf),
                               reinterpret_cast<cufftComplex*>(Y)));
   float2* block = reinterpret_cast<float2*>(out);
   if (L.along_s) {
     launch_gather(L.to_columns, Y, Z, stream);
-    FC_CUFFT_CHECK(cufftExecC2C(plans->along_s, reinterpret_cast<cufftComplex*>(Z),
+    FC_CUFFT_CHECK(cufftExecC2C(p.along_s, reinterpret_cast<cufftComplex*>(Z),
                                 reinterpret_cast<cufftComplex*>(Z), CUFFT_FORWARD));
     launch_gather(L.to_block, Z, block, stream);
   } else {
@@ -182,9 +240,9 @@ void spectral_compress(const void* x, InputDType dtype, const Geometry& g, float
 }
 
 void spectral_decompress(const float* block, const Geometry& g, float* out, void* workspace,
-                         cudaStream_t stream) {
-  check_geometry(g);
-  if (g.B == 0) return;
+                         PlanLease& plans, cudaStream_t stream) {
+  require_batch(g);
+  require_lease(plans, plan_key(SpectralOp::Decompress, g, InputDType::Float32));
   const DecompressLayout L = decompress_layout(g);
   require_aligned(workspace, 256, "the workspace");
   require_aligned(block, 8, "the input block");
@@ -194,27 +252,21 @@ void spectral_decompress(const float* block, const Geometry& g, float* out, void
   float2* Z = at_offset<float2>(workspace, L.off_z);
   const float2* coef = reinterpret_cast<const float2*>(block);
 
-  const PlanKey key{SpectralOp::Decompress, g.B, g.S, g.D, g.k_d, InputDType::Float32,
-                    current_device(), reinterpret_cast<std::uintptr_t>(stream)};
-  const auto plans = acquire_plans(key, [&](SpectralPlans& p) {
-    p.along_d = make_plan(L.c2r, CUFFT_C2R, stream);
-    p.has_d = true;
-    if (L.along_s) {
-      p.along_s = make_plan(L.c2c, CUFFT_C2C, stream);
-      p.has_s = true;
-    }
-  });
+  SpectralPlans& p = plans.plans();
+  const WorkAreas w = work_areas(L.workspace_bytes, p);
+  bind(p.along_d, at_offset<char>(workspace, w.off_d), stream);
+  if (L.along_s) bind(p.along_s, at_offset<char>(workspace, w.off_s), stream);
 
   if (L.along_s) {
     launch_expand(L.to_rows, coef, Z, stream);
-    FC_CUFFT_CHECK(cufftExecC2C(plans->along_s, reinterpret_cast<cufftComplex*>(Z),
+    FC_CUFFT_CHECK(cufftExecC2C(p.along_s, reinterpret_cast<cufftComplex*>(Z),
                                 reinterpret_cast<cufftComplex*>(Z), CUFFT_INVERSE));
     launch_expand(L.to_half, Z, Y, stream);
   } else {
     launch_expand(L.to_half, coef, Y, stream);
   }
   // C2R overwrites its input; Y is scratch.
-  FC_CUFFT_CHECK(cufftExecC2R(plans->along_d, reinterpret_cast<cufftComplex*>(Y), out));
+  FC_CUFFT_CHECK(cufftExecC2R(p.along_d, reinterpret_cast<cufftComplex*>(Y), out));
 }
 
 }  // namespace fc_edge
