@@ -10,9 +10,12 @@
 // __syncthreads, no library calls but the FC_* arithmetic below.
 //
 // Every result must equal the numba loops bit for bit (the payload is a wire format), so the
-// arithmetic is spelled out: IEEE round-to-nearest products, sums and quotients with no fused
-// multiply-add (the host RMS is a float64 sum of float64 products, never an FMA), rintf (ties
-// to even), float32 quotients (numba divides float32 by float32 in float32).
+// arithmetic is spelled out: IEEE round-to-nearest float64 products, sums, quotients and square
+// roots with no fused multiply-add (the host RMS is a float64 sum of float64 products), rint
+// with ties to even. The float32 steps of the host (delta = alpha * sigma, c / delta, the
+// dequantized product) are done in float64, where they are exact or correctly rounded, and
+// rounded to float32 by hand: CuPy compiles every kernel with -ftz=true, which would flush
+// float32 subnormals (rows with an RMS below ~1e-38) to zero; nothing here depends on it.
 #ifndef FC_CUPY_ROTATED_CU
 #define FC_CUPY_ROTATED_CU
 
@@ -21,21 +24,22 @@
 #define FC_DADD(a, b) __dadd_rn((a), (b))
 #define FC_DDIV(a, b) __ddiv_rn((a), (b))
 #define FC_DSQRT(a) __dsqrt_rn(a)
-#define FC_FMUL(a, b) __fmul_rn((a), (b))
-#define FC_FDIV(a, b) __fdiv_rn((a), (b))
+#define FC_RINT(a) rint(a)
 #define FC_RINTF(a) rintf(a)
 #else  // the host emulation (compiled with -ffp-contract=off)
 #define FC_DMUL(a, b) ((a) * (b))
 #define FC_DADD(a, b) ((a) + (b))
 #define FC_DDIV(a, b) ((a) / (b))
 #define FC_DSQRT(a) sqrt(a)
-#define FC_FMUL(a, b) ((a) * (b))
-#define FC_FDIV(a, b) ((a) / (b))
+#define FC_RINT(a) rint(a)
 #define FC_RINTF(a) rintf(a)
 #endif
 
 // The largest finite bfloat16 (0x7F7F), the clamp for a row RMS (entropy.BF16_MAX).
 #define FC_BF16_MAX 3.3895313892515355e38
+#define FC_F32_MIN_NORMAL 1.1754943508222875e-38  // 2^-126
+#define FC_TWO_P149 7.1362384635297994e44          // 2^149: float32 subnormal units per 1
+#define FC_TWO_M149 1.4012984643248171e-45         // 2^-149: one float32 subnormal unit
 
 typedef long long fc_i64;
 typedef unsigned long long fc_u64;
@@ -44,49 +48,89 @@ __device__ __forceinline__ fc_i64 fc_row_index() {
   return (fc_i64)blockIdx.x * (fc_i64)blockDim.x + (fc_i64)threadIdx.x;
 }
 
-// Symbol of one coefficient: round(c / delta) clamped to -Q..Q, plus Q (entropy._quantize).
-__device__ __forceinline__ int fc_symbol(float c, float delta, int Q) {
-  float q = 0.0f;
-  if (delta > 0.0f) {
-    q = FC_RINTF(FC_FDIV(c, delta));
-    if (q < (float)-Q) q = (float)-Q;  // Q <= 512: exact in float32
-    if (q > (float)Q) q = (float)Q;
+__device__ __forceinline__ unsigned int fc_float_bits(float f) {
+  union {
+    float f;
+    unsigned int u;
+  } v;
+  v.f = f;
+  return v.u;
+}
+
+__device__ __forceinline__ float fc_bits_float(unsigned int u) {
+  union {
+    float f;
+    unsigned int u;
+  } v;
+  v.u = u;
+  return v.f;
+}
+
+// float32 bits -> the exact float64 value, subnormals included.
+__device__ __forceinline__ double fc_f32_to_f64(unsigned int u) {
+  if (((u >> 23) & 0xFFu) == 0u) {
+    double m = FC_DMUL((double)(u & 0x7FFFFFu), FC_TWO_M149);
+    return (u >> 31) ? -m : m;
   }
+  return (double)fc_bits_float(u);  // a normal float (or Inf): exact
+}
+
+// float64 -> bits of the nearest float32 (ties to even), subnormal results included; the sign
+// of a zero is kept.
+__device__ __forceinline__ unsigned int fc_f64_to_f32_bits(double d) {
+  unsigned int sign = (d < 0.0 || (d == 0.0 && 1.0 / d < 0.0)) ? 0x80000000u : 0u;
+  double a = d < 0.0 ? -d : d;
+  if (a < FC_F32_MIN_NORMAL) return sign | (unsigned int)FC_RINT(FC_DMUL(a, FC_TWO_P149));
+  return fc_float_bits((float)d);  // a normal result: no flushing can apply
+}
+
+// Symbol of one coefficient: round(float32(c / delta)) clamped to -Q..Q, plus Q
+// (entropy._quantize). The float64 quotient of two float32 values rounded to float32 is the
+// float32 quotient (53 >= 2 * 24 + 2); a quotient too small for a normal float32 rounds to
+// 0 either way.
+__device__ __forceinline__ int fc_symbol(unsigned int c_bits, double delta, int Q) {
+  if (!(delta > 0.0)) return Q;
+  float q = FC_RINTF((float)FC_DDIV(fc_f32_to_f64(c_bits), delta));
+  if (q < (float)-Q) q = (float)-Q;  // Q <= 512: exact in float32
+  if (q > (float)Q) q = (float)Q;
   return (int)q + Q;
 }
 
+// delta = float32(alpha * sigma) as float64 (the product of two float32 values is exact in
+// float64; then one rounding to float32).
+__device__ __forceinline__ double fc_delta(unsigned int alpha_bits, unsigned int sigma_bits) {
+  return fc_f32_to_f64(
+      fc_f64_to_f32_bits(FC_DMUL(fc_f32_to_f64(alpha_bits), fc_f32_to_f64(sigma_bits))));
+}
+
 // sigma[r] = RMS of row r, summed in float64, clamped to BF16_MAX, rounded to bfloat16 (nearest,
-// ties to even) and returned as float32 (entropy._row_sigma).
-extern "C" __global__ void fc_row_sigma(const float* coefs, fc_i64 N, int K, float* sigma) {
+// ties to even) and stored as float32 bits (entropy._row_sigma).
+extern "C" __global__ void fc_row_sigma(const unsigned int* coefs, fc_i64 N, int K,
+                                        unsigned int* sigma) {
   fc_i64 r = fc_row_index();
   if (r >= N) return;
-  const float* row = coefs + r * (fc_i64)K;
+  const unsigned int* row = coefs + r * (fc_i64)K;
   double acc = 0.0;
   for (int k = 0; k < K; ++k) {
-    double v = (double)row[k];
+    double v = fc_f32_to_f64(row[k]);
     acc = FC_DADD(acc, FC_DMUL(v, v));
   }
   double rms = FC_DSQRT(FC_DDIV(acc, (double)K));
   if (FC_BF16_MAX < rms) rms = FC_BF16_MAX;
-  union {
-    float f;
-    unsigned int u;
-  } bits;
-  bits.f = (float)rms;
-  unsigned int u = bits.u;
+  unsigned int u = fc_f64_to_f32_bits(rms);
   u = u + 0x7FFFu + ((u >> 16) & 1u);
-  bits.u = u & 0xFFFF0000u;
-  sigma[r] = bits.f;
+  sigma[r] = u & 0xFFFF0000u;
 }
 
-// row_bits[r] = Huffman bits of row r at this step (entropy._quantize's count).
-extern "C" __global__ void fc_row_bits(const float* coefs, const float* sigma, fc_i64 N, int K,
-                                       float alpha, int Q, const int* code_lengths,
-                                       fc_i64* row_bits) {
+// row_bits[r] = Huffman bits of row r at this step (entropy._quantize's count). alpha: the
+// float32 bits of entropy.step_alpha(step).
+extern "C" __global__ void fc_row_bits(const unsigned int* coefs, const unsigned int* sigma,
+                                       fc_i64 N, int K, unsigned int alpha, int Q,
+                                       const int* code_lengths, fc_i64* row_bits) {
   fc_i64 r = fc_row_index();
   if (r >= N) return;
-  const float* row = coefs + r * (fc_i64)K;
-  float delta = FC_FMUL(alpha, sigma[r]);
+  const unsigned int* row = coefs + r * (fc_i64)K;
+  double delta = fc_delta(alpha, sigma[r]);
   fc_i64 bits = 0;
   for (int k = 0; k < K; ++k) bits += code_lengths[fc_symbol(row[k], delta, Q)];
   row_bits[r] = bits;
@@ -94,14 +138,14 @@ extern "C" __global__ void fc_row_bits(const float* coefs, const float* sigma, f
 
 // Row r's code words, MSB first, from byte offsets[r], the last byte padded with zero bits
 // (entropy._encode). Writes every byte of the row, so `out` needs no clearing.
-extern "C" __global__ void fc_write_rows(const float* coefs, const float* sigma, fc_i64 N, int K,
-                                         float alpha, int Q, const int* code_lengths,
-                                         const unsigned int* codes, const fc_i64* offsets,
-                                         unsigned char* out) {
+extern "C" __global__ void fc_write_rows(const unsigned int* coefs, const unsigned int* sigma,
+                                         fc_i64 N, int K, unsigned int alpha, int Q,
+                                         const int* code_lengths, const unsigned int* codes,
+                                         const fc_i64* offsets, unsigned char* out) {
   fc_i64 r = fc_row_index();
   if (r >= N) return;
-  const float* row = coefs + r * (fc_i64)K;
-  float delta = FC_FMUL(alpha, sigma[r]);
+  const unsigned int* row = coefs + r * (fc_i64)K;
+  double delta = fc_delta(alpha, sigma[r]);
   unsigned char* dst = out + offsets[r];
   fc_u64 acc = 0;
   int nbits = 0;
@@ -158,15 +202,17 @@ extern "C" __global__ void fc_read_rows(const unsigned char* stream, const fc_i6
   if (pad >= 8 || (pad && (stream[end - 1] & ((1u << pad) - 1u)))) bad[r] = 1;
 }
 
-// out[r, k] = float32(symbol - Q) * float32(alpha * sigma[r]) (entropy._dequantize).
-extern "C" __global__ void fc_dequantize(const short* symbols, const float* sigma, fc_i64 N,
-                                         int K, float alpha, int Q, float* out) {
+// out[r, k] = float32(symbol - Q) * float32(alpha * sigma[r]) as float32 bits
+// (entropy._dequantize; the product is exact in float64, then rounded once).
+extern "C" __global__ void fc_dequantize(const short* symbols, const unsigned int* sigma,
+                                         fc_i64 N, int K, unsigned int alpha, int Q,
+                                         unsigned int* out) {
   fc_i64 r = fc_row_index();
   if (r >= N) return;
-  float delta = FC_FMUL(alpha, sigma[r]);
+  double delta = fc_delta(alpha, sigma[r]);
   const short* in = symbols + r * (fc_i64)K;
-  float* dst = out + r * (fc_i64)K;
-  for (int k = 0; k < K; ++k) dst[k] = FC_FMUL((float)(in[k] - Q), delta);
+  unsigned int* dst = out + r * (fc_i64)K;
+  for (int k = 0; k < K; ++k) dst[k] = fc_f64_to_f32_bits(FC_DMUL((double)(in[k] - Q), delta));
 }
 
 #endif  // FC_CUPY_ROTATED_CU

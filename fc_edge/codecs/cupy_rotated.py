@@ -41,11 +41,16 @@ from fc_edge.errors import WireError
 #: The kernels' source (NVRTC, nvcc and the host emulation all compile this file).
 KERNEL_SOURCE = Path(__file__).with_name("cupy_rotated.cu")
 KERNEL_NAMES = ("fc_row_sigma", "fc_row_bits", "fc_write_rows", "fc_read_rows", "fc_dequantize")
-#: NVRTC options: IEEE division and no FMA contraction, so results equal the host's bit for bit
-#: (the kernels also spell their arithmetic with __*_rn intrinsics).
-NVRTC_OPTIONS = ("--std=c++11", "--fmad=false", "--prec-div=true", "--prec-sqrt=true",
-                 "--ftz=false")
+#: NVRTC options (CuPy adds -arch and -ftz=true, which the kernels do not depend on): no FMA
+#: contraction, so results equal the host's bit for bit (the kernels also spell their float64
+#: arithmetic with __d*_rn intrinsics).
+NVRTC_OPTIONS = ("--std=c++11", "--fmad=false")
 THREADS = 128  # threads per block; one row per thread
+
+
+def alpha_bits(step: int) -> np.uint32:
+    """float32 bits of the step's alpha, as the kernels take it (entropy passes float32 alpha)."""
+    return np.float32(entropy.step_alpha(step)).view(np.uint32)
 
 
 @dataclass(frozen=True)
@@ -183,7 +188,7 @@ class DeviceRows:
             with _stream_scope(r):
                 bits = xp.empty(self.N, dtype=xp.int64)
                 r.launch("fc_row_bits", self.N, self.coefs, self.sigma, np.int64(self.N),
-                         np.int32(self.K), np.float32(entropy.step_alpha(step)), np.int32(t.Q),
+                         np.int32(self.K), alpha_bits(step), np.int32(t.Q),
                          t.code_lengths, bits)
                 nbytes = (bits + 7) // 8
                 self._nbytes[step] = nbytes
@@ -201,7 +206,7 @@ class DeviceRows:
             offsets = xp.cumsum(nbytes) - nbytes  # exclusive: where each row starts
             out = xp.empty(total, dtype=xp.uint8)
             r.launch("fc_write_rows", self.N, self.coefs, self.sigma, np.int64(self.N),
-                     np.int32(self.K), np.float32(entropy.step_alpha(step)), np.int32(t.Q),
+                     np.int32(self.K), alpha_bits(step), np.int32(t.Q),
                      t.code_lengths, t.codes, offsets, out)
             return {
                 "codes": r.to_tensor(out),
@@ -239,5 +244,5 @@ def decode_rows(runner: Runner, codes: torch.Tensor, lengths: np.ndarray, K: int
         sigma = runner.from_tensor(scales.float().reshape(-1))
         out = xp.empty((N, K), dtype=xp.float32)
         runner.launch("fc_dequantize", N, symbols, sigma, np.int64(N), np.int32(K),
-                      np.float32(entropy.step_alpha(step)), np.int32(t.Q), out)
+                      alpha_bits(step), np.int32(t.Q), out)
         return runner.to_tensor(out)

@@ -34,19 +34,19 @@ void grid(fc_i64 n_rows, unsigned int threads, Body body) {
 }  // namespace
 
 extern "C" {
-void host_fc_row_sigma(fc_i64 n, unsigned int threads, const float* coefs, fc_i64 N, int K,
-                       float* sigma) {
+void host_fc_row_sigma(fc_i64 n, unsigned int threads, const unsigned int* coefs, fc_i64 N, int K,
+                       unsigned int* sigma) {
   grid(n, threads, [&] { fc_row_sigma(coefs, N, K, sigma); });
 }
 
-void host_fc_row_bits(fc_i64 n, unsigned int threads, const float* coefs, const float* sigma,
-                      fc_i64 N, int K, float alpha, int Q, const int* code_lengths,
+void host_fc_row_bits(fc_i64 n, unsigned int threads, const unsigned int* coefs, const unsigned int* sigma,
+                      fc_i64 N, int K, unsigned int alpha, int Q, const int* code_lengths,
                       fc_i64* row_bits) {
   grid(n, threads, [&] { fc_row_bits(coefs, sigma, N, K, alpha, Q, code_lengths, row_bits); });
 }
 
-void host_fc_write_rows(fc_i64 n, unsigned int threads, const float* coefs, const float* sigma,
-                        fc_i64 N, int K, float alpha, int Q, const int* code_lengths,
+void host_fc_write_rows(fc_i64 n, unsigned int threads, const unsigned int* coefs, const unsigned int* sigma,
+                        fc_i64 N, int K, unsigned int alpha, int Q, const int* code_lengths,
                         const unsigned int* codes, const fc_i64* offsets, unsigned char* out) {
   grid(n, threads, [&] {
     fc_write_rows(coefs, sigma, N, K, alpha, Q, code_lengths, codes, offsets, out);
@@ -61,8 +61,8 @@ void host_fc_read_rows(fc_i64 n, unsigned int threads, const unsigned char* stre
   });
 }
 
-void host_fc_dequantize(fc_i64 n, unsigned int threads, const short* symbols, const float* sigma,
-                        fc_i64 N, int K, float alpha, int Q, float* out) {
+void host_fc_dequantize(fc_i64 n, unsigned int threads, const short* symbols, const unsigned int* sigma,
+                        fc_i64 N, int K, unsigned int alpha, int Q, unsigned int* out) {
   grid(n, threads, [&] { fc_dequantize(symbols, sigma, N, K, alpha, Q, out); });
 }
 }

@@ -14,7 +14,11 @@ for byte. Three levels, so most of it runs on a machine without a GPU:
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import glob
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -62,6 +66,74 @@ def test_kernel_source_compiles_with_nvcc(arch: str, tmp_path: Path) -> None:
         assert f".entry {name}(" in text
 
 
+#: The only flush-to-zero instructions allowed under CuPy's -ftz=true, each harmless: float32 ->
+#: float64 of a value known to be normal, float64 -> float32 where a subnormal result would
+#: round to quantizer level 0 anyway (or is known to be normal), and conversions / comparisons
+#: of integer-valued floats.
+FTZ_ALLOWED = {"cvt.ftz.f64.f32", "cvt.rn.ftz.f32.f64", "cvt.rzi.ftz.s32.f32",
+               "cvt.rni.ftz.f32.f32", "setp.gt.ftz.f32", "setp.lt.ftz.f32"}
+
+
+def test_kernels_do_not_depend_on_flush_to_zero(tmp_path: Path) -> None:
+    """CuPy compiles with -ftz=true; compiled so, no arithmetic may flush a float32 subnormal
+    (the host emulation cannot see this, so the PTX is read)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (no CUDA toolkit): the kernels are not compiled here")
+    ptx = tmp_path / "ftz.ptx"
+    cmd = [nvcc, "--ptx", "-arch=sm_87", "-std=c++11", "--fmad=false", "-ftz=true", "-x", "cu",
+           str(cupy_rotated.KERNEL_SOURCE), "-o", str(ptx)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ftz = set(re.findall(r"\b[a-z0-9.]*\.ftz[a-z0-9.]*", ptx.read_text()))
+    assert ftz <= FTZ_ALLOWED, sorted(ftz - FTZ_ALLOWED)
+
+
+def _nvrtc() -> ctypes.CDLL | None:
+    """libnvrtc: $FC_EDGE_NVRTC, the nvidia-cuda-nvrtc wheel's, or the system's."""
+    candidates = [os.environ.get("FC_EDGE_NVRTC")]
+    spec = importlib.util.find_spec("nvidia")
+    for root in list(spec.submodule_search_locations or []) if spec else []:
+        candidates += sorted(glob.glob(os.path.join(root, "cuda_nvrtc", "lib", "libnvrtc.so*")))
+    candidates.append(ctypes.util.find_library("nvrtc"))
+    for path in candidates:
+        if path:
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                continue
+    return None
+
+
+def test_kernel_source_compiles_with_nvrtc() -> None:
+    """With NVRTC itself and the options CuPy's RawModule passes (ours, then -ftz=true, -arch,
+    --device-as-default-execution-space): what a Jetson without a toolkit does at run time."""
+    lib = _nvrtc()
+    if lib is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12, or FC_EDGE_NVRTC)")
+    prog = ctypes.c_void_p()
+    src = cupy_rotated.KERNEL_SOURCE.read_bytes()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"cupy_rotated.cu", 0, None, None) == 0
+    opts = [*cupy_rotated.NVRTC_OPTIONS, "-ftz=true", "-arch=compute_87",
+            "--device-as-default-execution-space"]
+    argv = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
+    rc = lib.nvrtcCompileProgram(prog, len(opts), argv)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert rc == 0, log.value.decode(errors="replace")
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    assert lib.nvrtcGetPTX(prog, ptx) == 0
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    text = ptx.value.decode()
+    for name in cupy_rotated.KERNEL_NAMES:
+        assert f".entry {name}(" in text
+    ftz = set(re.findall(r"\b[a-z0-9.]*\.ftz[a-z0-9.]*", text))
+    assert ftz <= FTZ_ALLOWED, sorted(ftz - FTZ_ALLOWED)
+
+
 # ------------------------------------------------------------------------ host emulation
 
 
@@ -79,7 +151,7 @@ def host_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-_SCALARS = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.float32: ctypes.c_float}
+_SCALARS = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.uint32: ctypes.c_uint}
 
 
 class HostRunner(cupy_rotated.Runner):
@@ -162,6 +234,7 @@ def _row_sets() -> list[tuple[str, torch.Tensor]]:
         ("one-row", heavy_rows(1, 2048, 3)),
         ("odd-k", heavy_rows(9, 577, 4)),
         ("k1", heavy_rows(200, 1, 5)),  # more rows than a block: the grid's tail runs too
+        ("subnormal", heavy_rows(8, 40, 6) * 1e-41),  # RMS below float32's normal range
         ("edges", edge_rows(33)),
         ("edges-k1", edge_rows(1)),
     ]
