@@ -3,7 +3,7 @@
 // One source, three compilers:
 //   * NVRTC, at run time, through CuPy (fc_edge/codecs/cupy_rotated.py): no build step;
 //   * nvcc --ptx / -c, in tests/codecs/test_cupy_rotated.py, so a syntax or type error fails CI;
-//   * g++, with tests/codecs/cupy_host_shim.h defining __global__, blockIdx, ... and a launch
+//   * g++, with tests/codecs/cupy_host_shim.cpp defining __global__, blockIdx, ... and a launch
 //     loop over the grid, so the tests run the very same kernel bodies on the host against the
 //     numba coder, byte for byte, on a machine without a GPU.
 // Hence the rules: plain C in the bodies, one thread per row, no shared memory, no

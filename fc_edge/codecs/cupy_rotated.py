@@ -21,7 +21,7 @@ one thread per row (``cupy_rotated.cu``):
 
 A :class:`Runner` launches the kernels; :class:`CupyRunner` is the GPU one. The tests run this
 module's logic on the host with a runner over numpy arrays and the same kernel source compiled
-by g++ (tests/codecs/cupy_host_shim.h).
+by g++ (tests/codecs/cupy_host_shim.cpp).
 """
 
 from __future__ import annotations
