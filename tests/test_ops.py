@@ -472,3 +472,108 @@ def test_cuda_opcheck(B, S, D, k_s, k_d):
     torch.library.opcheck(torch.ops.fc_edge.spectral_compress.default, (x, k_s, k_d))
     block = ops.spectral_compress_torch(x, k_s, k_d)
     torch.library.opcheck(torch.ops.fc_edge.spectral_decompress.default, (block, S, D, k_s))
+
+
+# ------------------------------------------------- backend order: extension, CuPy, torch
+
+
+@pytest.mark.parametrize(
+    "ext,cupy,device,D,want",
+    [
+        (True, True, "cuda", 64, "extension"),
+        (True, False, "cuda", 64, "extension"),
+        (False, True, "cuda", 64, "cupy"),
+        (False, False, "cuda", 64, "torch"),
+        (True, True, "cuda", 1, "torch"),  # no size-1 cuFFT plan
+        (True, True, "cpu", 64, "torch"),
+    ],
+)
+def test_backend_order(monkeypatch, ext, cupy, device, D, want):
+    monkeypatch.setattr(ops, "extension_available", lambda: ext)
+    monkeypatch.setattr(ops, "cupy_available", lambda: cupy)
+    assert ops.backend_for(device, D) == want
+
+
+def test_missing_cupy_falls_back_to_torch(monkeypatch):
+    """With ``import cupy`` failing, CuPy is reported absent, CUDA tensors would take torch (or
+    the extension), and the ops still compute (here on CPU) what the oracle says."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    ops._import_cupy.cache_clear()
+    try:
+        assert ops.cupy_available() is False
+        monkeypatch.setattr(ops, "extension_available", lambda: False)
+        assert ops.backend_for("cuda", 64) == "torch"
+        x = torch.randn(1, 6, 8, dtype=torch.float64).float()
+        assert ops.backend(x) == "torch"
+        assert rel_err(ops.spectral_compress(x, 2, 3), oracle_compress(x.double(), 2, 3)) <= 1e-6
+    finally:
+        ops._import_cupy.cache_clear()
+
+
+def test_cupy_import_and_without_cupy(monkeypatch):
+    """A module named cupy that imports makes CuPy available; ``without_cupy`` switches it off
+    for its context only."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+    ops._import_cupy.cache_clear()
+    try:
+        assert ops.cupy_available() is True
+        with ops.without_cupy():
+            assert ops.cupy_available() is False
+        assert ops.cupy_available() is True
+    finally:
+        ops._import_cupy.cache_clear()
+
+
+needs_cupy_gpu = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU"),
+    pytest.mark.skipif(HAVE_CUDA and not ops.cupy_available(),
+                       reason="CuPy is not installed: pip install -e .[gpu]"),
+]
+
+
+def needs_cupy(fn):
+    for mark in needs_cupy_gpu:
+        fn = mark(fn)
+    return fn
+
+
+@needs_cupy
+def test_cuda_backend_reports_the_order():
+    x = torch.randn(1, 4, 16, device="cuda")
+    assert ops.backend(x) == ("extension" if ops.extension_available() else "cupy")
+    with ops.without_cupy():
+        assert ops.backend(x) == ("extension" if ops.extension_available() else "torch")
+    assert ops.backend(x[..., :1]) == "torch"
+
+
+@pytest.mark.parametrize("B,S,D,k_s,k_d", CUDA_SHAPES, ids=_ids(CUDA_SHAPES))
+@needs_cupy
+def test_cupy_ops_equal_torch(B, S, D, k_s, k_d):
+    x = torch.randn(B, S, D, device="cuda")
+    block = ops.spectral_compress_cupy(x, k_s, k_d)
+    want = ops.spectral_compress_torch(x, k_s, k_d)
+    assert block.shape == want.shape and block.dtype == torch.float32 and block.is_cuda
+    assert rel_err(block, want) <= 1e-5
+    y = ops.spectral_decompress_cupy(want, S, D, k_s)
+    assert y.shape == (B, S, D) and y.dtype == torch.float32
+    assert rel_err(y, ops.spectral_decompress_torch(want, S, D, k_s)) <= 1e-5
+
+
+@needs_cupy
+def test_cupy_ops_on_a_side_stream_and_half_input():
+    x = torch.randn(2, 64, 128, device="cuda").to(torch.bfloat16)
+    want = ops.spectral_compress_torch(x, 8, 16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = ops.spectral_compress_cupy(x, 8, 16)
+        back = ops.spectral_decompress_cupy(got, 64, 128, 8)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(back, ops.spectral_decompress_torch(want, 64, 128, 8)) <= 1e-5

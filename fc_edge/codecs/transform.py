@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fc_edge.codecs import entropy
+from fc_edge.codecs import cupy_rotated, entropy
 from fc_edge.codecs.base import (
     WIRE_DTYPES,
     Codec,
@@ -462,25 +462,24 @@ class RotatedCodec(Codec):
         return header_bytes(type(self), tuple(x.shape), params, body) + body
 
     def _encode_uniform(self, x, coefs, base, cap) -> Encoded:
-        c = np.ascontiguousarray(coefs.cpu().numpy(), dtype=np.float32)
-        N, K = c.shape
-        sigma = entropy.row_sigma(c)
-        if not np.isfinite(entropy.step_alpha(0) * sigma.astype(np.float32)).all():
+        coder = _row_coder(coefs)
+        N, K = coefs.shape
+        sigma_max = coder.sigma_max()
+        if not np.isfinite(np.float32(entropy.step_alpha(0)) * np.float32(sigma_max)):
             raise NonFiniteError(
-                f"rotated: a row RMS of {float(sigma.max()):.3g} makes the quantizer step "
+                f"rotated: a row RMS of {sigma_max:.3g} makes the quantizer step "
                 "overflow float32 (values too large)"
             )
         len_dtype = _length_wire_dtype(K)
         fixed = 2 * N + WIRE_DTYPES[len_dtype][0] * (N - 1)  # sigmas + row lengths
-        probes: dict[int, tuple[int, int, np.ndarray, np.ndarray]] = {}
+        sizes: dict[int, int] = {}
 
-        def fits(step: int) -> bool:  # each step is quantized at most once
-            if step not in probes:
-                symbols, bits = entropy.quantize_at(c, sigma, step)
-                code = int(((bits + 7) // 8).sum())
-                size = self._size(x, {**base, "step": step, "code_bytes": code}, fixed + code)
-                probes[step] = (size, code, symbols, bits)
-            return cap is None or probes[step][0] <= cap
+        def fits(step: int) -> bool:  # each step is quantized at most once (the coder caches)
+            if step not in sizes:
+                code = coder.code_bytes(step)
+                sizes[step] = self._size(x, {**base, "step": step, "code_bytes": code},
+                                         fixed + code)
+            return cap is None or sizes[step] <= cap
 
         if cap is None:
             step = entropy.MAX_STEP
@@ -492,23 +491,17 @@ class RotatedCodec(Codec):
             budget = cap - fixed - header_bytes(type(self), tuple(x.shape), bound, cap)
             guess = entropy.predict_step(N, K, budget)
             fits(guess)
-            calibration = max(probes[guess][1], 1) / entropy.expected_bytes(N, K, guess)
+            calibration = max(coder.code_bytes(guess), 1) / entropy.expected_bytes(N, K, guess)
             step = largest_fitting(
                 fits, entropy.predict_step(N, K, budget, calibration), entropy.MAX_STEP
             )
             if step is None:
-                raise self._over(x, cap, probes[0][0])
+                raise self._over(x, cap, sizes[0])
         fits(step)
-        stream, lengths = entropy.encode_rows(probes[step][2], step, probes[step][3])
-        params = {**base, "step": step, "code_bytes": len(stream)}
+        tensors = coder.tensors(step)
+        params = {**base, "step": step, "code_bytes": int(tensors["codes"].numel())}
         dev = x.device
-        return self._encoded(
-            x,
-            params,
-            codes=torch.frombuffer(bytearray(stream), dtype=torch.uint8).to(dev),
-            scales=torch.from_numpy(sigma).to(torch.bfloat16).to(dev),
-            lengths=torch.from_numpy(lengths[:-1].astype(np.int64)).to(dev),
-        )
+        return self._encoded(x, params, **{k: t.to(dev) for k, t in tensors.items()})
 
     def _encode_absmax(self, x, coefs, base, cap) -> Encoded:
         group = wire_group_size(coefs.shape[1], self.group_size)
@@ -552,18 +545,24 @@ class RotatedCodec(Codec):
     @classmethod
     def _uniform_symbols(cls, enc: Encoded) -> np.ndarray:
         p = enc.params
-        lengths = enc.tensors["lengths"].cpu().numpy().astype(np.int64)
         stream = enc.tensors["codes"].cpu().numpy()
+        return entropy.decode_rows(stream, cls._row_lengths(enc), p["keep"], p["step"])
+
+    @classmethod
+    def _row_lengths(cls, enc: Encoded) -> np.ndarray:
+        """Every row's byte length (the last one implied by the stream), range-checked."""
+        p = enc.params
+        lengths = enc.tensors["lengths"].cpu().numpy().astype(np.int64)
+        n_bytes = enc.tensors["codes"].numel()
         lo, hi = entropy.min_row_bytes(p["keep"], p["step"]), entropy.max_row_bytes(
             p["keep"], p["step"]
         )
         if lengths.size and (int(lengths.min()) < lo or int(lengths.max()) > hi):
             raise WireError(f"entropy-coded row lengths must be in {lo}..{hi} bytes")
-        last = len(stream) - int(lengths.sum())
+        last = n_bytes - int(lengths.sum())
         if not lo <= last <= hi:
             raise WireError("entropy-coded row lengths do not add up to the stream")
-        lengths = np.append(lengths, last)
-        return entropy.decode_rows(stream, lengths, p["keep"], p["step"])
+        return np.append(lengths, last)
 
     @classmethod
     def _absmax_codes(cls, enc: Encoded) -> torch.Tensor:
@@ -583,10 +582,16 @@ class RotatedCodec(Codec):
         dev = enc.tensors["codes"].device
         if p["quantizer"] == QUANTIZERS["uniform"]:
             symbols = enc.checked.get("symbols")
-            if symbols is None:
-                symbols = cls._uniform_symbols(enc)
-            sigma = enc.tensors["scales"].float().cpu().numpy()
-            kept = entropy.dequantize(symbols, sigma, p["step"]).to(dev)
+            runner = cupy_rotated.runner_for(enc.tensors["codes"]) if symbols is None else None
+            if runner is not None:  # entropy decoding on the GPU (CuPy); the same values
+                kept = cupy_rotated.decode_rows(runner, enc.tensors["codes"],
+                                                cls._row_lengths(enc), p["keep"], p["step"],
+                                                enc.tensors["scales"]).to(dev)
+            else:
+                if symbols is None:
+                    symbols = cls._uniform_symbols(enc)
+                sigma = enc.tensors["scales"].float().cpu().numpy()
+                kept = entropy.dequantize(symbols, sigma, p["step"]).to(dev)
         else:
             codes = enc.checked.get("codes")
             if codes is None:
@@ -658,6 +663,43 @@ class RotatedCodec(Codec):
         codes = cls._absmax_codes(enc)
         check_codes(codes, enc.params["bits"], "rotated")
         enc.checked["codes"] = codes
+
+
+class _HostRows:
+    """The uniform quantizer's rows ``(N, K)`` on the host (numba coder of
+    :mod:`~fc_edge.codecs.entropy`); ``cupy_rotated.DeviceRows`` is its GPU twin."""
+
+    def __init__(self, coefs: torch.Tensor) -> None:
+        self.c = np.ascontiguousarray(coefs.cpu().numpy(), dtype=np.float32)
+        self.sigma = entropy.row_sigma(self.c)
+        self._probes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def sigma_max(self) -> float:
+        return float(self.sigma.max())
+
+    def code_bytes(self, step: int) -> int:
+        if step not in self._probes:
+            self._probes[step] = entropy.quantize_at(self.c, self.sigma, step)
+        return int(((self._probes[step][1] + 7) // 8).sum())
+
+    def tensors(self, step: int) -> dict[str, torch.Tensor]:
+        if step not in self._probes:
+            self.code_bytes(step)
+        symbols, bits = self._probes[step]
+        stream, lengths = entropy.encode_rows(symbols, step, bits)
+        return {
+            "codes": torch.frombuffer(bytearray(stream), dtype=torch.uint8),
+            "scales": torch.from_numpy(self.sigma).to(torch.bfloat16),
+            "lengths": torch.from_numpy(lengths[:-1].astype(np.int64)),
+        }
+
+
+def _row_coder(coefs: torch.Tensor) -> _HostRows | cupy_rotated.DeviceRows:
+    """The GPU row coder for CUDA coefficients when CuPy is usable, the numba one otherwise."""
+    runner = cupy_rotated.runner_for(coefs)
+    if runner is not None:
+        return cupy_rotated.DeviceRows(runner, coefs)
+    return _HostRows(coefs)
 
 
 def largest_fitting(fits: Callable[[int], bool], guess: int, top: int) -> int | None:

@@ -1,0 +1,248 @@
+"""``rotated``'s entropy-coded uniform quantizer on the GPU, with CuPy (NVRTC: no build step).
+
+Used by :class:`~fc_edge.codecs.transform.RotatedCodec` when the coefficients are on a CUDA device
+and CuPy imports (:func:`fc_edge.ops.cupy_available`); everywhere else the numba coder of
+:mod:`fc_edge.codecs.entropy` runs. The payload is byte-identical to the numba coder's: same
+params, same ``codes`` / ``scales`` / ``lengths`` tensors (the tests hold the two to that).
+
+The transform itself is not here: :func:`~fc_edge.codecs.transform.rotate` already runs with torch
+on the tensor's device (a matrix product for a few rows, cuFFT otherwise), and computing it a
+second way would round differently and lose the byte identity. This module takes over from the
+coefficients: per-row RMS, the quantizer, and the Huffman bit writer and reader, as kernels of
+one thread per row (``cupy_rotated.cu``):
+
+* ``fc_row_sigma``: bfloat16-rounded RMS of each row;
+* ``fc_row_bits``: each row's Huffman bit count at a step; rate control (the same host code as
+  the CPU path, :meth:`RotatedCodec._encode_uniform`) sums them per probed step;
+* ``fc_write_rows``: byte offsets are the exclusive cumulative sum of the row byte lengths; each
+  thread writes its row there;
+* ``fc_read_rows`` + ``fc_dequantize``: one thread per row from the sent lengths and the decode
+  tables; a row that does not decode is a WireError naming the first such row, as on the CPU.
+
+A :class:`Runner` launches the kernels; :class:`CupyRunner` is the GPU one. The tests run this
+module's logic on the host with a runner over numpy arrays and the same kernel source compiled
+by g++ (tests/codecs/cupy_host_shim.cpp).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fc_edge import ops
+from fc_edge.codecs import entropy
+from fc_edge.errors import WireError
+
+#: The kernels' source (NVRTC, nvcc and the host emulation all compile this file).
+KERNEL_SOURCE = Path(__file__).with_name("cupy_rotated.cu")
+KERNEL_NAMES = ("fc_row_sigma", "fc_row_bits", "fc_write_rows", "fc_read_rows", "fc_dequantize")
+#: NVRTC options (CuPy adds -arch and -ftz=true, which the kernels do not depend on): no FMA
+#: contraction, so results equal the host's bit for bit (the kernels also spell their float64
+#: arithmetic with __d*_rn intrinsics).
+NVRTC_OPTIONS = ("--std=c++11", "--fmad=false")
+THREADS = 128  # threads per block; one row per thread
+
+
+def alpha_bits(step: int) -> np.uint32:
+    """float32 bits of the step's alpha, as the kernels take it (entropy passes float32 alpha)."""
+    return np.float32(entropy.step_alpha(step)).view(np.uint32)
+
+
+@dataclass(frozen=True)
+class DeviceTable:
+    """One step's Huffman table as device arrays (:class:`entropy.HuffmanTable`)."""
+
+    Q: int
+    max_len: int
+    code_lengths: Any  # (2Q+1,) int32
+    codes: Any  # (2Q+1,) uint32
+    dec_symbol: Any  # (2^max_len,) int16
+    dec_length: Any  # (2^max_len,) uint8
+
+
+class Runner:
+    """Array module + kernel launcher of one device: CuPy on a GPU, numpy + ctypes in tests."""
+
+    xp: Any
+
+    def __init__(self) -> None:
+        self._tables: dict[int, DeviceTable] = {}
+
+    def launch(self, name: str, n_rows: int, *args: Any) -> None:
+        """Run kernel ``name`` with one thread per row over ``n_rows`` rows."""
+        raise NotImplementedError
+
+    def from_tensor(self, t: torch.Tensor) -> Any:
+        """A contiguous tensor as an array of this runner, sharing memory."""
+        raise NotImplementedError
+
+    def to_tensor(self, a: Any) -> torch.Tensor:
+        """An array of this runner as a tensor, sharing memory."""
+        raise NotImplementedError
+
+    def table(self, step: int) -> DeviceTable:
+        """The step's table on this device (built once per step)."""
+        t = self._tables.get(step)
+        if t is None:
+            h = entropy.table_for_step(step)
+            xp = self.xp
+            t = self._tables[step] = DeviceTable(
+                h.Q,
+                h.max_len,
+                xp.asarray(h.lengths.astype(np.int32)),
+                xp.asarray(h.codes.astype(np.uint32)),
+                xp.asarray(h.dec_symbol.astype(np.int16)),
+                xp.asarray(h.dec_length.astype(np.uint8)),
+            )
+        return t
+
+
+class CupyRunner(Runner):
+    """Kernels compiled by NVRTC through CuPy on one CUDA device, launched on torch's current
+    stream of that device (enter :meth:`on_stream` around a sequence of launches)."""
+
+    def __init__(self, device_index: int) -> None:
+        super().__init__()
+        import cupy
+
+        self.xp = cupy
+        self.device_index = device_index
+        with cupy.cuda.Device(device_index):
+            self.module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=NVRTC_OPTIONS)
+            self._fns = {name: self.module.get_function(name) for name in KERNEL_NAMES}
+
+    def launch(self, name: str, n_rows: int, *args: Any) -> None:
+        blocks = (n_rows + THREADS - 1) // THREADS
+        self._fns[name]((blocks,), (THREADS,), args)
+
+    def from_tensor(self, t: torch.Tensor) -> Any:
+        return self.xp.from_dlpack(t.contiguous())
+
+    def to_tensor(self, a: Any) -> torch.Tensor:
+        return torch.from_dlpack(a)
+
+    def on_stream(self) -> Any:
+        """Context: this device current, torch's current stream as CuPy's (zero-copy hand-offs
+        need no synchronisation)."""
+        return ops.cupy_stream(torch.device("cuda", self.device_index))
+
+
+@functools.cache
+def _cupy_runner(device_index: int) -> CupyRunner:
+    return CupyRunner(device_index)
+
+
+def runner_for(t: torch.Tensor) -> Runner | None:
+    """The GPU runner for a CUDA tensor when CuPy is usable (:func:`fc_edge.ops.cupy_available`),
+    else None (the numba coder runs)."""
+    if not t.is_cuda or not ops.cupy_available():
+        return None
+    return _cupy_runner(t.device.index if t.device.index is not None else 0)
+
+
+def _stream_scope(runner: Runner) -> Any:
+    on_stream = getattr(runner, "on_stream", None)
+    return on_stream() if on_stream is not None else _NoScope()
+
+
+class _NoScope:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class DeviceRows:
+    """The uniform quantizer's rows ``(N, K)`` float32 on a device: the GPU twin of
+    ``transform._HostRows`` (same methods, same results)."""
+
+    def __init__(self, runner: Runner, coefs: torch.Tensor) -> None:
+        self.runner, self.device = runner, coefs.device
+        xp = runner.xp
+        with _stream_scope(runner):
+            self.coefs = runner.from_tensor(coefs.float())
+            self.N, self.K = (int(n) for n in self.coefs.shape)
+            self.sigma = xp.empty(self.N, dtype=xp.float32)
+            runner.launch(
+                "fc_row_sigma", self.N, self.coefs, np.int64(self.N), np.int32(self.K), self.sigma
+            )
+        self._nbytes: dict[int, Any] = {}
+        self._totals: dict[int, int] = {}
+
+    def sigma_max(self) -> float:
+        """Largest row RMS (bfloat16-rounded), for the overflow check."""
+        with _stream_scope(self.runner):
+            return float(self.sigma.max())
+
+    def code_bytes(self, step: int) -> int:
+        """Bytes of the code stream at ``step`` (rows byte-aligned); quantizes once per step."""
+        if step not in self._totals:
+            r, xp = self.runner, self.runner.xp
+            t = r.table(step)
+            with _stream_scope(r):
+                bits = xp.empty(self.N, dtype=xp.int64)
+                r.launch("fc_row_bits", self.N, self.coefs, self.sigma, np.int64(self.N),
+                         np.int32(self.K), alpha_bits(step), np.int32(t.Q),
+                         t.code_lengths, bits)
+                nbytes = (bits + 7) // 8
+                self._nbytes[step] = nbytes
+                self._totals[step] = int(nbytes.sum())
+        return self._totals[step]
+
+    def tensors(self, step: int) -> dict[str, torch.Tensor]:
+        """The payload tensors at ``step``: ``codes`` (bytes), ``scales`` (N,) bfloat16 and
+        ``lengths`` (N-1,) int64, on the rows' device."""
+        total = self.code_bytes(step)
+        r, xp = self.runner, self.runner.xp
+        t = r.table(step)
+        with _stream_scope(r):
+            nbytes = self._nbytes[step]
+            offsets = xp.cumsum(nbytes) - nbytes  # exclusive: where each row starts
+            out = xp.empty(total, dtype=xp.uint8)
+            r.launch("fc_write_rows", self.N, self.coefs, self.sigma, np.int64(self.N),
+                     np.int32(self.K), alpha_bits(step), np.int32(t.Q),
+                     t.code_lengths, t.codes, offsets, out)
+            return {
+                "codes": r.to_tensor(out),
+                "scales": r.to_tensor(self.sigma).to(torch.bfloat16),
+                "lengths": r.to_tensor(xp.ascontiguousarray(nbytes[:-1])),
+            }
+
+
+def decode_rows(runner: Runner, codes: torch.Tensor, lengths: np.ndarray, K: int, step: int,
+                scales: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` float32 dequantized rows on the device from a ``codes`` stream, every row's
+    byte length (host, already range-checked) and the ``(N,)`` scales; the device twin of
+    ``entropy.decode_rows`` + ``entropy.dequantize``. A row that does not decode to exactly
+    ``K`` code words and fewer than 8 zero padding bits is a WireError naming the first one."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size and int(lengths.min()) < 0:
+        raise WireError("entropy-coded row lengths are negative")
+    starts_np = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts_np[1:])
+    if int(starts_np[-1]) != codes.numel():
+        raise WireError("entropy-coded row lengths do not add up to the stream")
+    N = len(lengths)
+    t = runner.table(step)
+    xp = runner.xp
+    with _stream_scope(runner):
+        stream = runner.from_tensor(codes.to(torch.uint8).reshape(-1))
+        starts = xp.asarray(starts_np)
+        symbols = xp.empty((N, K), dtype=xp.int16)
+        bad = xp.empty(N, dtype=xp.int32)
+        runner.launch("fc_read_rows", N, stream, starts, np.int64(N), np.int32(K), t.dec_symbol,
+                      t.dec_length, np.int32(t.max_len), symbols, bad)
+        flagged = xp.flatnonzero(bad)
+        if int(flagged.size):
+            raise WireError(f"entropy-coded row {int(flagged[0])} does not decode to {K} values")
+        sigma = runner.from_tensor(scales.float().reshape(-1))
+        out = xp.empty((N, K), dtype=xp.float32)
+        runner.launch("fc_dequantize", N, symbols, sigma, np.int64(N), np.int32(K),
+                      alpha_bits(step), np.int32(t.Q), out)
+        return runner.to_tensor(out)
