@@ -13,6 +13,26 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def pytest_collection_modifyitems(items):
+    """A ``cupy`` test is a ``cuda`` test too (``-m cuda`` selects it)."""
+    for item in items:
+        if item.get_closest_marker("cupy"):
+            item.add_marker(pytest.mark.cuda)
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.cupy``: skip, with the reason, without a CUDA GPU or without CuPy."""
+    if item.get_closest_marker("cupy"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        from fc_edge import ops
+
+        if not ops.cupy_available():
+            pytest.skip("CuPy is not installed: pip install -e .[gpu]")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """One torch thread per test module: on a shared 2-core machine, two threads that fight

@@ -529,21 +529,7 @@ def test_cupy_import_and_without_cupy(monkeypatch):
         ops._import_cupy.cache_clear()
 
 
-needs_cupy_gpu = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(HAVE_CUDA and not ops.cupy_available(),
-                       reason="CuPy is not installed: pip install -e .[gpu]"),
-]
-
-
-def needs_cupy(fn):
-    for mark in needs_cupy_gpu:
-        fn = mark(fn)
-    return fn
-
-
-@needs_cupy
+@pytest.mark.cupy
 def test_cuda_backend_reports_the_order():
     x = torch.randn(1, 4, 16, device="cuda")
     assert ops.backend(x) == ("extension" if ops.extension_available() else "cupy")
@@ -553,7 +539,7 @@ def test_cuda_backend_reports_the_order():
 
 
 @pytest.mark.parametrize("B,S,D,k_s,k_d", CUDA_SHAPES, ids=_ids(CUDA_SHAPES))
-@needs_cupy
+@pytest.mark.cupy
 def test_cupy_ops_equal_torch(B, S, D, k_s, k_d):
     x = torch.randn(B, S, D, device="cuda")
     block = ops.spectral_compress_cupy(x, k_s, k_d)
@@ -565,7 +551,7 @@ def test_cupy_ops_equal_torch(B, S, D, k_s, k_d):
     assert rel_err(y, ops.spectral_decompress_torch(want, S, D, k_s)) <= 1e-5
 
 
-@needs_cupy
+@pytest.mark.cupy
 def test_cupy_ops_on_a_side_stream_and_half_input():
     x = torch.randn(2, 64, 128, device="cuda").to(torch.bfloat16)
     want = ops.spectral_compress_torch(x, 8, 16)

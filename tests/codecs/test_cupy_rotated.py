@@ -399,28 +399,13 @@ def test_runner_for_cpu_tensors_is_none():
 
 # ------------------------------------------------------------------ on a GPU with CuPy
 
-HAVE_CUDA = torch.cuda.is_available()
-needs_cupy_gpu = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(HAVE_CUDA and not ops.cupy_available(),
-                       reason="CuPy is not installed: pip install -e .[gpu]"),
-]
-
-
-def _gpu(fn):
-    for mark in needs_cupy_gpu:
-        fn = mark(fn)
-    return fn
-
-
 GPU_SHAPES = [(1, 1, 576), (1, 12, 576), (1, 128, 576), (1, 512, 2048), (2, 33, 577),
               (1, 2048, 2048)]
 
 
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=["x".join(map(str, s)) for s in GPU_SHAPES])
 @pytest.mark.parametrize("kwargs", [{}, {"bits": 3}, {"transform": "hadamard"}, {"ratio": 5.0}])
-@_gpu
+@pytest.mark.cupy
 def test_cupy_encode_equals_cpu_encode(shape, kwargs):
     codec = get_codec("rotated", **kwargs)
     x = heavy_rows(int(np.prod(shape[:-1])), shape[-1], 7).reshape(shape).cuda()
@@ -433,7 +418,7 @@ def test_cupy_encode_equals_cpu_encode(shape, kwargs):
     assert torch.equal(codec.decode(got), want_back)
 
 
-@_gpu
+@pytest.mark.cupy
 def test_cupy_edge_rows_and_corruption():
     x = edge_rows(33).reshape(1, 6, 33).cuda()
     codec = get_codec("rotated")
