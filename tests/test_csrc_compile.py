@@ -110,6 +110,17 @@ def _host_compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def _build_and_run(cmd: list[str], exe: Path, expect: str, build_s: float = 120,
+                   run_s: float = 60) -> None:
+    """Build a host test program with ``cmd`` (writing ``exe``), run it: it must exit 0 and
+    print ``expect``."""
+    built = _run(cmd, timeout=build_s)
+    assert built.returncode == 0, f"{' '.join(cmd)}\n{built.stderr[-4000:]}"
+    ran = _run([str(exe)], timeout=run_s)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert expect in ran.stdout
+
+
 def test_layout_emulation_matches_direct_dft(tmp_path: Path) -> None:
     cxx = _host_compiler()
     if cxx is None:
@@ -126,11 +137,7 @@ def test_layout_emulation_matches_direct_dft(tmp_path: Path) -> None:
         "-o",
         str(exe),
     ]
-    built = _run(cmd)
-    assert built.returncode == 0, f"{' '.join(cmd)}\n{built.stderr}"
-    ran = _run([str(exe)], timeout=60)
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert "geometries ok" in ran.stdout
+    _build_and_run(cmd, exe, "geometries ok")
 
 
 def test_plan_cache_leases_and_capture_rules_on_host(tmp_path: Path) -> None:
@@ -165,11 +172,7 @@ def test_plan_cache_leases_and_capture_rules_on_host(tmp_path: Path) -> None:
         "-o",
         str(exe),
     ]
-    built = _run(cmd, timeout=180)
-    assert built.returncode == 0, f"{' '.join(cmd)}\n{built.stderr[-4000:]}"
-    ran = _run([str(exe)], timeout=120)
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert "0 violations" in ran.stdout
+    _build_and_run(cmd, exe, "0 violations", build_s=180, run_s=120)
 
 
 def test_ops_cpp_syntax_against_torch_headers(tmp_path: Path) -> None:
