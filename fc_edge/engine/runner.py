@@ -197,6 +197,21 @@ class EngineHead:
         return EngineSession(self, max_seq_len)
 
 
+def step_ids(input_ids: Tensor, position: int, max_seq_len: int) -> Tensor:
+    """A session step's tokens as a flat (S,) long CPU tensor, refused (one line) when empty or
+    when the S positions after ``position`` overflow the session's ``max_seq_len``."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).cpu()
+    s = ids.shape[0]
+    if s == 0:
+        raise ConfigError("step needs at least one token")
+    if position + s > max_seq_len:
+        raise ConfigError(
+            f"the session holds {max_seq_len} positions; {s} more token(s) at position "
+            f"{position} do not fit: start a session with a larger max_seq_len"
+        )
+    return ids
+
+
 class EngineSession:
     """One generation: the per-layer key/value arrays ``past`` (optimum order: key 0,
     value 0, key 1, ...; each ``(1, n_kv, T, hd)`` float32) and the next position.
@@ -225,15 +240,8 @@ class EngineSession:
 
     def step(self, input_ids: Tensor) -> Tensor:
         """Run tokens ``input_ids`` (S,) long at the next S positions; returns (S, D) float32."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).cpu().numpy()
+        ids = step_ids(input_ids, self.position, self.max_seq_len).numpy()
         s = ids.shape[0]
-        if s == 0:
-            raise ConfigError("step needs at least one token")
-        if self.position + s > self.max_seq_len:
-            raise ConfigError(
-                f"the session holds {self.max_seq_len} positions; {s} more token(s) at position "
-                f"{self.position} do not fit: start a session with a larger max_seq_len"
-            )
         if self.position == 0:
             rows = [self._run("prefill", ids[None])]
             fourier = self.engine.fourier

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fc_edge.engine.graphs import kv_names
+from fc_edge.engine.runner import step_ids
 from fc_edge.errors import ConfigError
 
 USE_ONNXRUNTIME = "or run the ONNX graphs with --engine-backend onnxruntime"
@@ -217,15 +218,8 @@ class TensorRTSession:
     def step(self, input_ids: Tensor) -> Tensor:
         """Run tokens ``input_ids`` (S,) long at the next S positions; returns (S, D) float32 on
         the GPU, after the plans have finished (so the caller's head timing is the head's)."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        ids = step_ids(input_ids, self.position, self.max_seq_len)
         s = ids.shape[0]
-        if s == 0:
-            raise ConfigError("step needs at least one token")
-        if self.position + s > self.max_seq_len:
-            raise ConfigError(
-                f"the session holds {self.max_seq_len} positions; {s} more token(s) at position "
-                f"{self.position} do not fit: start a session with a larger max_seq_len"
-            )
         ids = ids.to(self.engines.device)
         if self.position == 0:
             rows = [self._run("prefill", ids)]
