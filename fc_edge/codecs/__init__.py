@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fc_edge.codecs import lowrank, quant, sparse, spectral, transform  # noqa: F401  (registers)
+from fc_edge.codecs import lowrank, quant, sparse, spectral, transform, wire  # noqa: F401  (registers)
 from fc_edge.codecs.base import (
     ALIASES,
     Codec,
@@ -31,8 +31,6 @@ from fc_edge.codecs.transform import RotatedCodec
 
 def roundtrip(codec: Codec, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Encode, pack, unpack and decode ``x``; returns (reconstruction on x's device, bytes)."""
-    from fc_edge import wire
-
     data = wire.pack(codec.encode(x))
     enc = wire.unpack(data)
     return decode(enc).to(x.device), len(data)
@@ -57,8 +55,6 @@ class Measurement:
 
 def measure(codec: Codec, x: torch.Tensor) -> Measurement:
     """Packed size and relative error ``||x - x_hat|| / ||x||`` (float64) of ``codec`` on ``x``."""
-    from fc_edge import wire
-
     enc = codec.encode(x)
     data = wire.pack(enc)
     x_hat = decode(wire.unpack(data)).to(x.device)

@@ -4,7 +4,7 @@ A codec turns an activation ``x`` of shape ``(S, D)`` or ``(B, S, D)`` (float32,
 bfloat16) into an :class:`Encoded` payload and back. Everything a receiver needs to decode is in
 the payload itself (codec name, a small fixed set of integer parameters, the original shape and
 dtype, and named tensors), so ``decode`` is a class method and the wire format
-(:mod:`fc_edge.wire`) can serialise any codec without knowing it.
+(:mod:`fc_edge.codecs.wire`) can serialise any codec without knowing it.
 
 Each codec class declares
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fc_edge import wire
-from fc_edge.codecs import decode, get_codec, measure
+from fc_edge.codecs import decode, get_codec, measure, wire
 from fc_edge.errors import BudgetError, FcEdgeError
 from fc_edge.paths import read_texts
 

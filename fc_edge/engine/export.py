@@ -189,9 +189,9 @@ def export_engine(
         "channel_weights": [round(float(v), 6) for v in channel_weights(model, split_layer)],
         "num_hidden_layers": model.config.num_hidden_layers,
         "hidden_size": D,
-        "num_kv_heads": head.head_config.num_kv_heads,
-        "head_dim": head.head_config.head_dim,
-        "vocab_size": head.head_config.vocab_size,
+        "num_kv_heads": head.decoder_config.num_kv_heads,
+        "head_dim": head.decoder_config.head_dim,
+        "vocab_size": head.decoder_config.vocab_size,
         "opset": OPSET,
         "dtype": "float32",
         "batch_size": 1,
@@ -470,7 +470,7 @@ def verify_engine(
 
     gen = torch.Generator().manual_seed(0)
     n = max(prefill_len, 2 * fourier[0] - 1 if fourier else 1)
-    vocab = head.head_config.vocab_size
+    vocab = head.decoder_config.vocab_size
     ids = torch.randint(0, vocab, (n + decode_steps,), generator=gen)
     ref_session = head.start(n + decode_steps)
     eng_session = engine.start(n + decode_steps)

@@ -107,14 +107,13 @@ class CodecSetting:
 
         Returns (reconstruction, bytes on the wire, fell_back). A codec that cannot meet its
         budget for this shape (:class:`BudgetError`, e.g. SVD of a one-row block) is replaced by
-        float16 for that message, as the runtime does (``fc_edge.runtime.server.FALLBACK_CODEC``),
+        float16 for that message, as the runtime does (``fc_edge.runtime.protocol.FALLBACK_CODEC``),
         counted at its packed size and flagged.
         """
         raw = x.numel() * 4
         if self.codec is None:
             return x, raw, False
-        from fc_edge import wire
-        from fc_edge.codecs import decode
+        from fc_edge.codecs import decode, wire
 
         try:
             data = wire.pack(self.codec.encode(x))

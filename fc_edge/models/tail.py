@@ -1,6 +1,6 @@
 """The server tail: decoder layers[L:] + final norm + lm_head, the head's own modules.
 
-The tail is the same explicit decoder as the device head (:mod:`fc_edge.models.head`: RMSNorm,
+The tail is the same explicit decoder as the device head (:mod:`fc_edge.models.decoder`: RMSNorm,
 rotary with the family's scaling, grouped-query attention, sliding windows, gated MLP), loaded
 from a Hugging Face model's weights and checked against its logits in the tests. Keys and values
 live in a :class:`PagedKVCache`: fixed-size blocks shared by every sequence on the server, each
@@ -26,15 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from fc_edge.errors import ConfigError, FcEdgeError
-from fc_edge.models.head import (
+from fc_edge.models.decoder import (
+    DecoderConfig,
     DecoderLayer,
-    HeadConfig,
     KVUpdate,
     RMSNorm,
-    attention_masks,
     concat_kv,
     rope_inv_freq,
-    rotary_cos_sin,
+    run_layers,
 )
 
 #: Positions per KV block.
@@ -135,11 +134,11 @@ class Tail(nn.Module):
     """Decoder layers[L:] + norm + lm_head of a Llama / Qwen2 model (see the module doc).
 
     Attributes: ``config`` (the Hugging Face config), ``layer`` (the split point L),
-    ``decoder_config`` (:class:`HeadConfig` of the tail's layers), ``hidden_size`` D,
+    ``decoder_config`` (:class:`DecoderConfig` of the tail's layers), ``hidden_size`` D,
     ``vocab_size`` V, ``dtype`` and ``device`` of the weights.
     """
 
-    def __init__(self, cfg: HeadConfig, hf_config: Any, layer: int) -> None:
+    def __init__(self, cfg: DecoderConfig, hf_config: Any, layer: int) -> None:
         super().__init__()
         self.decoder_config = cfg
         self.config = hf_config
@@ -156,7 +155,7 @@ class Tail(nn.Module):
         decoder layers. The weights are the model's own tensors (shared, not copied) unless
         ``device`` or ``dtype`` asks for a conversion."""
         n = model.config.num_hidden_layers
-        full = HeadConfig.from_hf(model.config, n)
+        full = DecoderConfig.from_hf(model.config, n)
         cfg = dataclasses.replace(full, num_layers=n - layer,
                                   sliding_windows=full.sliding_windows[layer:])
         with torch.device("meta"):
@@ -197,12 +196,8 @@ class Tail(nn.Module):
 
     def _layers(self, h: Tensor, position_ids: Tensor, n_slots: int,
                 kv_of_layer: Any) -> Tensor:
-        cos, sin = rotary_cos_sin(self.inv_freq, position_ids, h.dtype)
-        windows = self.decoder_config.sliding_windows or (None,) * len(self.layers)
-        visible = attention_masks(position_ids, n_slots, windows)
-        for i, layer in enumerate(self.layers):
-            h, _, _ = layer(h, cos, sin, visible[windows[i]], kv_of_layer(i))
-        return h
+        return run_layers(self.layers, self.decoder_config, self.inv_freq, h, position_ids,
+                          n_slots, kv_of_layer)[0]
 
     def _logits(self, h: Tensor) -> Tensor:
         return self.lm_head(self.norm(h)).float()

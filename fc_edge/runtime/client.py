@@ -30,12 +30,11 @@ import grpc
 import torch
 from torch import Tensor
 
-from fc_edge import wire
-from fc_edge.codecs import Codec, get_codec
+from fc_edge.codecs import Codec, get_codec, wire
 from fc_edge.errors import BudgetError, ConfigError, FcEdgeError
 from fc_edge.runtime.proto import pb2, pb2_grpc
+from fc_edge.runtime.protocol import FALLBACK_CODEC, PROTOCOL_VERSION
 from fc_edge.runtime.sampling import SamplingConfig
-from fc_edge.runtime.server import FALLBACK_CODEC, PROTOCOL_VERSION
 from fc_edge.runtime.timing import GenerationResult, StepTiming, stage
 
 

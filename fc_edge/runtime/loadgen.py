@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from fc_edge import wire
-from fc_edge.codecs import get_codec
+from fc_edge.codecs import get_codec, wire
 from fc_edge.errors import FcEdgeError
 from fc_edge.runtime.proto import pb2, pb2_grpc
-from fc_edge.runtime.server import PROTOCOL_VERSION
+from fc_edge.runtime.protocol import PROTOCOL_VERSION
 
 
 @dataclass(frozen=True)

@@ -41,22 +41,18 @@ from typing import Any
 import grpc
 import torch
 
-from fc_edge import wire
-from fc_edge.codecs import decode, get_codec
+from fc_edge.codecs import decode, get_codec, wire
 from fc_edge.codecs.transform import channel_weights_scope
 from fc_edge.devices import dtype_name, resolve_device, resolve_dtype
 from fc_edge.errors import ConfigError, FcEdgeError, ModelError, WireError
 from fc_edge.models.tail import CacheFullError, Tail
 from fc_edge.runtime.engine import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, BatchEngine
 from fc_edge.runtime.proto import pb2, pb2_grpc
+from fc_edge.runtime.protocol import FALLBACK_CODEC, PROTOCOL_VERSION, SERVICE_NAME
 from fc_edge.runtime.sampling import SamplingConfig
 
 log = logging.getLogger("fc_edge.server")
 
-PROTOCOL_VERSION = 1
-SERVICE_NAME = "fc_edge.v1.SplitInference"
-#: Codec accepted for any step the session codec refuses for its shape (BudgetError).
-FALLBACK_CODEC = "fp16"
 DEFAULT_MAX_SESSIONS = 16
 DEFAULT_MAX_SEQ_LEN = 4096
 DEFAULT_IDLE_TIMEOUT_S = 60.0

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fc_edge import wire
-from fc_edge.codecs import available_codecs, decode, get_codec, measure, roundtrip
+from fc_edge.codecs import available_codecs, decode, get_codec, measure, roundtrip, wire
 from fc_edge.errors import BudgetError, ConfigError, NonFiniteError, WireError
 
 

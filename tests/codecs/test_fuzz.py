@@ -36,7 +36,7 @@ def varint(v):
 FUZZ = r"""
 import importlib.util, json, random, resource, struct, sys, zlib
 import torch
-from fc_edge import wire
+from fc_edge.codecs import wire
 from fc_edge.codecs import decode, get_codec
 from fc_edge.errors import WireError
 
@@ -121,7 +121,7 @@ print(json.dumps({**counts, "problems": problems[:5], "growth_mib": (peak - base
 CRAFTED = r"""
 import json, resource, struct, sys, zlib
 import torch
-from fc_edge import wire
+from fc_edge.codecs import wire
 from fc_edge.codecs import decode, get_codec
 from fc_edge.errors import WireError
 torch.set_num_threads(1)
@@ -204,8 +204,7 @@ def test_each_payload_is_decoded_once(monkeypatch, name, kw, shape):
     """unpack validates by decoding the codes; decode reuses them instead of decoding again."""
     import torch
 
-    from fc_edge import wire
-    from fc_edge.codecs import decode, entropy, get_codec, quant, transform
+    from fc_edge.codecs import decode, entropy, get_codec, quant, transform, wire
 
     calls = []
 

@@ -2,7 +2,7 @@
 
 It shares no code with ``fc_edge`` (numpy, ``math`` and ``zlib`` only; bit readers are plain
 Python loops; transforms are explicit float64 matrices), so a test that compares it with
-``fc_edge.wire.unpack`` + ``decode`` checks the document as much as the code.
+``fc_edge.codecs.wire.unpack`` + ``decode`` checks the document as much as the code.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def check_parity(folder, head, lengths=(5, 17), decode=4):
     engine = EngineHead(folder, providers=["CPUExecutionProvider"], threads=1)
     gen = torch.Generator().manual_seed(1)
     for n in lengths:
-        ids = torch.randint(0, head.head_config.vocab_size, (n + decode + 2,), generator=gen)
+        ids = torch.randint(0, head.decoder_config.vocab_size, (n + decode + 2,), generator=gen)
         hs, es = head.start(n + decode + 2), engine.start(n + decode + 2)
         steps = [ids[:n]] + [ids[n + j : n + j + 1] for j in range(decode)] + [ids[n + decode :]]
         for chunk in steps:

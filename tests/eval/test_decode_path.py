@@ -24,8 +24,7 @@ IDS = [5, 17, 3, 99, 42, 7, 7, 120, 64, 1, 250, 33]
 
 def _runtime_pieces(model, codec, ids):
     """Per token: (payload bytes, tail logits) through the runtime's decode path."""
-    from fc_edge import wire
-    from fc_edge.codecs import decode
+    from fc_edge.codecs import decode, wire
     from fc_edge.models.split import channel_weights, split
     from fc_edge.models.tail import Tail
 

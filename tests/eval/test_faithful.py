@@ -40,8 +40,7 @@ def sample(smollm2):
 
 
 def test_split_head_codec_tail_scores_equal_eval(sample):
-    from fc_edge import wire
-    from fc_edge.codecs import decode
+    from fc_edge.codecs import decode, wire
     from fc_edge.models.split import split
 
     model, _, setting, encs, got = sample

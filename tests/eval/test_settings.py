@@ -60,7 +60,7 @@ def test_spec_values_named_none_reach_the_codec():
 
 def test_refused_shape_falls_back_to_fp16_like_the_runtime():
     from fc_edge.eval.settings import FALLBACK
-    from fc_edge.runtime.server import FALLBACK_CODEC
+    from fc_edge.runtime.protocol import FALLBACK_CODEC
 
     assert FALLBACK == FALLBACK_CODEC
     (s,) = build_settings("svd[ratio=8]")

@@ -143,7 +143,7 @@ def test_abandoned_stream_frees_its_session(fleet, tiny_llama):
 
     from fc_edge.models.pretrained import model_fingerprint
     from fc_edge.runtime.proto import pb2, pb2_grpc
-    from fc_edge.runtime.server import PROTOCOL_VERSION
+    from fc_edge.runtime.protocol import PROTOCOL_VERSION
 
     fingerprint = model_fingerprint(tiny_llama)
     outbox: queue.SimpleQueue = queue.SimpleQueue()

@@ -18,7 +18,8 @@ from together import run_together  # tests/runtime is on sys.path (pytest rootdi
 
 from fc_edge.runtime.client import DeviceClient, SessionError
 from fc_edge.runtime.proto import pb2, pb2_grpc
-from fc_edge.runtime.server import PROTOCOL_VERSION, start_server
+from fc_edge.runtime.protocol import PROTOCOL_VERSION
+from fc_edge.runtime.server import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -100,8 +101,7 @@ def test_garbage_payload_ends_only_that_session(server, tiny_llama):
 
 
 def test_wrong_payload_codec_and_shape_refused(server, tiny_llama):
-    from fc_edge import wire
-    from fc_edge.codecs import get_codec
+    from fc_edge.codecs import get_codec, wire
 
     stub = pb2_grpc.SplitInferenceStub(grpc.insecure_channel(server.address))
     cases = [
@@ -145,8 +145,7 @@ for frame in stub.Generate(frames()):
 
 
 def test_killed_client_leaves_no_session(tiny_llama, tmp_path: Path):
-    from fc_edge import wire
-    from fc_edge.codecs import get_codec
+    from fc_edge.codecs import get_codec, wire
 
     identity = get_codec("identity")
     (tmp_path / "prefill").write_bytes(wire.pack(identity.encode(torch.randn(8, 64))))

@@ -13,11 +13,12 @@ import pytest
 import torch
 from together import run_together  # tests/runtime is on sys.path (pytest rootdir mode)
 
-from fc_edge import wire
+from fc_edge.codecs import wire
 from fc_edge.codecs.base import Encoded
 from fc_edge.runtime.client import DeviceClient
 from fc_edge.runtime.proto import pb2, pb2_grpc
-from fc_edge.runtime.server import PROTOCOL_VERSION, start_server
+from fc_edge.runtime.protocol import PROTOCOL_VERSION
+from fc_edge.runtime.server import start_server
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fc_edge import wire
-from fc_edge.codecs import decode, get_codec
+from fc_edge.codecs import decode, get_codec, wire
 from fc_edge.codecs.base import header_bytes
 from fc_edge.errors import WireError
 
@@ -23,7 +22,7 @@ def _load_reference():
     """tests/codecs/wire_reference.py (the test folders are not packages)."""
     import importlib.util
 
-    path = Path(__file__).parent / "codecs" / "wire_reference.py"
+    path = Path(__file__).parent / "wire_reference.py"
     spec = importlib.util.spec_from_file_location("wire_reference", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -192,7 +191,7 @@ def test_unknown_codec_version_and_dtype():
 
 def documented_vectors() -> list[tuple[str, str, bytes, list[float]]]:
     """(codec call, input name, payload, decoded values) from docs/wire-format.md."""
-    text = (Path(__file__).parents[1] / "docs" / "wire-format.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "wire-format.md").read_text()
     found = re.findall(
         r"- `(get_codec\(.*?\))` on `(\w)`, \d+ bytes:\n  hex `([0-9a-f]+)`\n"
         r"  decoded `([^`]*)`",
