@@ -74,7 +74,7 @@ def _logliks(stack: LayerStack, h: Tensor, rows: Tensor, cols: Tensor, toks: Ten
 
 
 def send_rows(setting: CodecSetting, h: Tensor, lengths: Sequence[int], tally: Tally | None,
-              per_token: bool = False) -> Tensor:
+              per_token: bool = False, ids: Tensor | None = None) -> Tensor:
     """Each batch row's unpadded (S_i, D) activation through the codec as one message (the
     prefill), or with ``per_token`` each (1, D) token row as its own message (the decode steps);
     the padded tail is kept."""
@@ -83,7 +83,9 @@ def send_rows(setting: CodecSetting, h: Tensor, lengths: Sequence[int], tally: T
         blocks = [(i, i + 1) for i in range(n)] if per_token else [(0, n)]
         for a, b in blocks:
             x = h[r, a:b]
-            x_hat, nbytes, fell_back = setting.send(x)
+            # a decode step's row comes with its token (the server sampled it): ``ids``
+            x_hat, nbytes, fell_back = setting.send(
+                x, ids[r, a:b] if per_token and ids is not None else None)
             out[r, a:b] = x_hat
             if tally is not None:
                 tally.add_bytes(nbytes, x.numel() * 4, relative_error(x, x_hat), fell_back)
@@ -661,7 +663,7 @@ def score_document(stack: LayerStack, model: Any, ids_list: list[int], layers: S
                 continue
             s.bind(model, L)
             t = Tally()
-            a_hat = send_rows(s, kept[L], [S], t, per_token)
+            a_hat = send_rows(s, kept[L], [S], t, per_token, ids)
             logits = stack.logits(stack.run(a_hat, ctx, L, stack.num_layers))[0, :-1]
             out["s"][key] = {"nll": _nll(logits, targets),
                              "agree": int((logits.argmax(-1) == ref_top).sum()),
