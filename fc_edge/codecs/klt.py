@@ -28,6 +28,7 @@ rANS stream), so a decode row sees what a prefill row sees but for the base.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import replace
@@ -163,30 +164,49 @@ class KLTCodec(Codec):
         cap = self.cap_bytes(x)
         params = {"calibration": cal.wire_id, "predict": predict, "step": 0, "code_bytes": 0}
         streams: dict[int, bytes] = {}
+        inv_step = {}
 
-        def size(step: int) -> int:
+        def packed(step: int, code_bytes: int) -> int:
+            p = {**params, "step": step, "code_bytes": code_bytes}
+            return header_bytes(type(self), tuple(x.shape), p, N + code_bytes) + N + code_bytes
+
+        def stream(step: int) -> bytes:
             if step not in streams:
                 j = coded_tables(log_std, step)
-                symbols = rans.quantize(y[:, : len(j)], np.full(N, 1 / step_alpha(step),
-                                                                np.float32), j)
+                symbols = rans.quantize(y[:, : len(j)], inv_step[step], j)
                 streams[step] = rans.encode(symbols, j)
-            body = N + len(streams[step])
-            p = {**params, "step": step, "code_bytes": len(streams[step])}
-            return header_bytes(type(self), tuple(x.shape), p, body) + body
+            return streams[step]
+
+        estimates: dict[int, int] = {}
+
+        def estimate(step: int) -> int:  # the stream's information content: no coding
+            if step not in estimates:
+                inv_step[step] = np.full(N, 1 / step_alpha(step), np.float32)
+                j = coded_tables(log_std, step)
+                estimates[step] = rans.stream_bytes(y[:, : len(j)], inv_step[step], j)
+            return estimates[step]
+
+        def fits(step: int) -> bool:  # the estimate (within 2 bytes), then the real size
+            if packed(step, estimate(step) - 2) > cap:
+                return False
+            return packed(step, len(stream(step))) <= cap
 
         top = max_step(log_std)
         if self.step is not None:  # a fixed quality: this step, coarser only past the cap
             top = min(top, self.step)
-        guess = _predict_step(log_std, N, cap - N - header_bytes(type(self), tuple(x.shape)),
-                              top)
-        step = largest_fitting(lambda s: size(s) <= cap, guess, top)
+        budget = cap - N - header_bytes(type(self), tuple(x.shape))
+        # predict from the Gaussian model, measure there, rescale the model by what was
+        # measured (real rows are not the calibration's), predict again and search from there
+        guess = _predict_step(log_std, N, budget, top)
+        measured = max(estimate(guess) - 4, 1) / max(_model_bytes(log_std, N, guess), 1e-9)
+        step = largest_fitting(fits, _predict_step(log_std, N, budget, top, measured), top)
         if step is None:
-            why = f"the coarsest step takes {size(0)} bytes, the cap is {cap}"
+            why = f"the coarsest step takes {packed(0, len(stream(0)))} bytes, the cap is {cap}"
             if self.ratio is not None:
                 raise too_small(self.name, tuple(x.shape), self.ratio, why)
             raise BudgetError(f"klt cannot fit {tuple(x.shape)} in {self.bits:g} bits per "
                               f"element ({why}); raise --bits or send a larger block")
-        stream = streams[step]
+        stream = stream(step)
         params.update(step=step, code_bytes=len(stream))
         return self._encoded(x, params, gains=u,
                              codes=torch.frombuffer(bytearray(stream), dtype=torch.uint8))
@@ -288,33 +308,54 @@ def _base(ctx: CodecContext, cal: Calibration, predict: int, N: int,
 
 
 def predictions(ctx: CodecContext, cal: Calibration, tokens: torch.Tensor) -> torch.Tensor:
-    """``(N, D)`` float32 predicted rows ``A f(t) + B e(t) + c`` of ``tokens``; cached per token
-    in the context (a session meets the same tokens again and again)."""
+    """``(N, D)`` float32 predicted rows ``A f(t) + B e(t) + c`` of ``tokens``.
+
+    The first call computes the whole vocabulary's table (the head on every token alone, in
+    batches: seconds once; ``V x D`` float32, 113 MB for SmolLM2) and keeps it in the context,
+    so a decode step's prediction is a row lookup on both ends."""
     if ctx.features is None or ctx.embedding is None:
         raise ConfigError("klt prediction needs the model's token features and embedding in "
                           "the codec context (fc_edge.codecs.calibration.model_context)")
-    cache = ctx.cache.setdefault(("klt-pred", cal.digest), {})
-    ids = tokens.tolist()
-    if ctx.embedding is not None and ids and (min(ids) < 0 or max(ids) >= len(ctx.embedding)):
-        raise WireError(f"token id out of range 0..{len(ctx.embedding) - 1}")
-    todo = sorted({t for t in ids if t not in cache})
-    if todo:
-        t = torch.tensor(todo)
-        f = ctx.features(t).float()
-        e = ctx.embedding[t.to(ctx.embedding.device)].float().cpu()
-        pred = f @ cal.predictor_features.T + e @ cal.predictor_embedding.T + cal.predictor_bias
-        for tok, row in zip(todo, pred, strict=True):
-            cache[tok] = row
-    return torch.stack([cache[t] for t in ids])
+    V = len(ctx.embedding)
+    ids = tokens.reshape(-1).long().cpu()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise WireError(f"token id out of range 0..{V - 1}")
+    key = ("klt-pred", cal.digest)
+    table = ctx.cache.get(key)
+    if table is None:
+        parts = []
+        for a in range(0, V, 4096):
+            t = torch.arange(a, min(a + 4096, V))
+            f = ctx.features(t).float()
+            e = ctx.embedding[t.to(ctx.embedding.device)].float().cpu()
+            parts.append(f @ cal.predictor_features.T + e @ cal.predictor_embedding.T
+                         + cal.predictor_bias)
+        table = ctx.cache[key] = torch.cat(parts)
+    return table[ids]
 
 
-def _predict_step(log_std: np.ndarray, N: int, budget: int, top: int) -> int:
-    """The finest step whose model size (mean code lengths of the coded tables) fits."""
+@functools.lru_cache(maxsize=16)
+def _row_model_bits(log_std: bytes) -> np.ndarray:
+    """``(MAX_STEP + 1,)`` model bits of one row at every step, for int64 ``log_std`` bytes."""
+    e = np.frombuffer(log_std, dtype=np.int64)
+    table = rans.model_bits_table()
+    return np.array([float(table[coded_tables(e, s) - rans.J_MIN].sum())
+                     if s <= max_step(e) else np.inf for s in range(MAX_STEP + 1)])
+
+
+def _model_bytes(log_std: np.ndarray, N: int, step: int) -> float:
+    """Stream bytes (state excluded) of N rows that follow the calibration's normals."""
+    return N * float(_row_model_bits(log_std.astype(np.int64).tobytes())[step]) / 8
+
+
+def _predict_step(log_std: np.ndarray, N: int, budget: int, top: int,
+                  calibration: float = 1.0) -> int:
+    """The finest step whose model size, times ``calibration`` (measured / model at an earlier
+    probe), fits ``budget`` bytes."""
     lo, hi = 0, top
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        bits = float(rans.model_bits_table()[coded_tables(log_std, mid) - rans.J_MIN].sum())
-        if N * bits / 8 + 4 <= budget:
+        if _model_bytes(log_std, N, mid) * calibration + 4 <= budget:
             lo = mid
         else:
             hi = mid - 1

@@ -34,7 +34,7 @@ PROB_BITS = 16
 M = 1 << PROB_BITS
 RANS_L = 1 << 23
 #: Table indices: ``rho = 2^(j/16)``. Below J_MIN a component is not coded.
-J_MIN, J_MAX = -64, 160
+J_MIN, J_MAX = -64, 112
 #: Symbols are clamped at ``CLAMP`` standard deviations: ``Q = max(1, ceil(CLAMP * rho))``.
 CLAMP = 10.0
 _N_TABLES = J_MAX - J_MIN + 1
@@ -65,11 +65,11 @@ def frequencies(j: int) -> np.ndarray:
     def phi(v: float) -> float:
         return 0.5 * math.erfc(-v / math.sqrt(2.0))
 
+    # the edges q +- 1/2 once each (an upper edge is the next symbol's lower one)
+    edges = [0.0] + [phi((q + 0.5) / r) for q in range(-Q, Q)] + [1.0]
     f = np.ones(n, dtype=np.int64)
-    for i, q in enumerate(range(-Q, Q + 1)):
-        hi = 1.0 if q == Q else phi((q + 0.5) / r)
-        lo = 0.0 if q == -Q else phi((q - 0.5) / r)
-        f[i] = 1 + math.floor((hi - lo) * (M - n))
+    for i in range(n):
+        f[i] = 1 + math.floor((edges[i + 1] - edges[i]) * (M - n))
     f[Q] = 0
     f[Q] = M - int(f.sum())
     return f
@@ -114,6 +114,17 @@ def packed_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return offsets, qs, np.concatenate(parts)
 
 
+@functools.lru_cache(maxsize=1)
+def packed_costs() -> np.ndarray:
+    """``-log2(f / M)`` of every symbol of every table, laid out as :func:`packed_tables`'
+    starts (the last entry of each table unused): what a symbol costs in a rANS stream."""
+    offsets, _, cum = packed_tables()
+    f = np.diff(cum).astype(np.float64)
+    cost = np.zeros(len(cum))
+    cost[:-1] = -np.log2(np.maximum(f, 1) / M)
+    return cost
+
+
 def tables_digest() -> str:
     """SHA-256 of every table's frequencies as little-endian u16 (M itself never occurs: no
     table has a single symbol), tables in order of ``j``: docs/wire-format.md lists it."""
@@ -139,6 +150,25 @@ def _quantize(y, inv_step, tables, offsets, qs, symbols):  # pragma: no cover (c
             elif q < -Q:
                 q = -Q
             symbols[r, k] = np.int32(q)
+
+
+@numba.njit(cache=True, nogil=True)
+def _cost(y, inv_step, tables, offsets, qs, costs):  # pragma: no cover (compiled)
+    """Bits the symbols of :func:`_quantize` would cost, without storing them."""
+    N, K = y.shape
+    total = 0.0
+    for r in range(N):
+        s = inv_step[r]
+        for k in range(K):
+            t = tables[k]
+            Q = qs[t]
+            q = np.rint(y[r, k] * s)
+            if q > Q:
+                q = Q
+            elif q < -Q:
+                q = -Q
+            total += costs[offsets[t] + np.int64(q) + Q]
+    return total
 
 
 @numba.njit(cache=True, nogil=True)
@@ -214,8 +244,12 @@ def _decode(stream, tables, offsets, qs, cum, symbols):  # pragma: no cover (com
 
 # --- the coder ----------------------------------------------------------------------------
 def table_slots(j: np.ndarray) -> np.ndarray:
-    """Table indices ``j`` (each in J_MIN..J_MAX) -> positions in :func:`packed_tables`."""
-    return (np.asarray(j, dtype=np.int64) - J_MIN).astype(np.int64)
+    """Table indices ``j`` (each in J_MIN..J_MAX) -> positions in :func:`packed_tables`
+    (checked: the kernels index without bounds checks)."""
+    slots = np.asarray(j, dtype=np.int64) - J_MIN
+    if slots.size and (int(slots.min()) < 0 or int(slots.max()) > J_MAX - J_MIN):
+        raise ValueError(f"table indices must be in {J_MIN}..{J_MAX}")
+    return slots
 
 
 def quantize(y: np.ndarray, inv_step: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -229,9 +263,22 @@ def quantize(y: np.ndarray, inv_step: np.ndarray, j: np.ndarray) -> np.ndarray:
     return symbols
 
 
+def stream_bytes(y: np.ndarray, inv_step: np.ndarray, j: np.ndarray) -> int:
+    """Predicted length of the stream of ``quantize(y, inv_step, j)``: its information content
+    in whole bytes plus the 4 state bytes (the real stream is within a byte or two of it)."""
+    offsets, qs, _ = packed_tables()
+    bits = _cost(np.ascontiguousarray(y, dtype=np.float32),
+                 np.ascontiguousarray(inv_step, dtype=np.float32), table_slots(j), offsets, qs,
+                 packed_costs())
+    return int(math.ceil(bits / 8)) + 4
+
+
 def encode(symbols: np.ndarray, j: np.ndarray) -> bytes:
     """rANS stream of ``(N, K)`` symbols, component ``k`` coded with table ``j[k]``."""
     offsets, qs, cum = packed_tables()
+    slots = table_slots(j)
+    if symbols.size and bool((np.abs(symbols) > qs[slots][None, :]).any()):
+        raise ValueError("a symbol is beyond its table's range (quantize clamps them)")
     if symbols.size == 0:
         return _encode(np.zeros((0, 0), np.int32), table_slots(j), offsets, qs, cum).tobytes()
     return _encode(np.ascontiguousarray(symbols, dtype=np.int32), table_slots(j), offsets, qs,

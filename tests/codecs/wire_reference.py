@@ -209,7 +209,7 @@ def _klt(r: Reader, p: dict[str, int], N: int, D: int, ctx: dict | None) -> np.n
     e = np.asarray(ctx[f"{mode}_log_std"], dtype=np.int64)
     j = e + p["step"] - 64
     K = int((j >= -64).sum())
-    assert (j[:K] <= 160).all(), "step beyond the tables"
+    assert (j[:K] <= 112).all(), "step beyond the tables"
     q = np.array(rans_symbols(stream, [int(v) for v in j[:K]] * N), dtype=np.float64)
     alpha = np.float32(2.0 ** ((64 - p["step"]) / 16.0))
     x = np.zeros((N, D))

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""The rate-fidelity frontier (docs/results.md §9) from `fc-edge eval` JSON files: a markdown
+table of every codec setting (bits per element with headers, Δppl per token and per block,
+Δacc, each with its 95% interval and n, and the goal's verdict) and a PNG.
+
+    .venv/bin/python tools/frontier.py --decode docs/results/frontier/decode_*.json \
+        --prefill docs/results/frontier/prefill.json \
+        --accuracy docs/results/frontier/accuracy_*.json docs/results/full.json \
+        --png docs/results/frontier/frontier.png > table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+PPL_GOAL, ACC_GOAL = 1.0, 0.5  # +1% perplexity, -0.5 points, each by the interval's worst end
+
+
+def short(label: str) -> str:
+    """A setting's label without the calibration path (the artifact is named in the text)."""
+    return re.sub(r",?calibration=[^,\]]*", "", label).replace("[]", "")
+
+
+def _entries(paths: list[Path], kind: str) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        runs = data.get("runs", [data]) if isinstance(data, dict) else data
+        for run in runs:
+            if run.get("kind") != kind:
+                continue
+            for label, e in run["results"]["1"].items():
+                if label != "none":
+                    out[short(label)] = {**e, "_n": run.get("documents")
+                                         or run.get("timing", {}).get("items"),
+                                         "_tokens": run.get("tokens")}
+    return out
+
+
+def _fmt_ci(e: dict | None, unit: str = "") -> str:
+    if not e or "delta_ci95" not in e:
+        return "–"
+    lo, hi = e["delta_ci95"]
+    return f"{e['delta']:+.2f}{unit} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def build(decode: list[Path], prefill: list[Path], accuracy: list[Path]) -> tuple[str, list]:
+    dec = _entries(decode, "perplexity")
+    pre = _entries(prefill, "perplexity")
+    acc = _entries(accuracy, "accuracy")
+    names = list(dict.fromkeys([*dec, *pre, *acc]))
+    rows, points = [], []
+    for name in names:
+        d, p, a = dec.get(name), pre.get(name), acc.get(name)
+        bits_d = 32 / d["byte_ratio"] if d else None
+        bits_p = 32 / p["byte_ratio"] if p else None
+        pooled = (a or {}).get("mean", {}).get("byte_ratio_pooled")
+        bits_a = 32 / pooled if pooled else None
+        bits_p = bits_p or bits_a
+        ppl_ok = d is not None and "delta_ci95" in d and d["delta_ci95"][1] <= PPL_GOAL
+        acc_ok = a is not None and "delta_ci95" in a and a["delta_ci95"][0] >= -ACC_GOAL
+        if d is None or a is None:
+            verdict = ("ppl yes" if ppl_ok else "ppl no" if d else "") + \
+                      ("; acc yes" if acc_ok else "; acc no" if a else "; acc not measured")
+        else:
+            verdict = "**yes**" if ppl_ok and acc_ok else "no"
+        n_acc = a.get("_n") if a else None
+
+        def bits(b: float | None) -> str:
+            return f"{b:.2f}" if b else "–"
+
+        rows.append(f"| `{name}` | {bits(bits_d)} | {_fmt_ci(d, '%')} | {bits(bits_p)} | "
+                    f"{_fmt_ci(p, '%')} | {_fmt_ci(a)} | {n_acc or '–'} | "
+                    f"{verdict.strip('; ')} |")
+        points.append((name, bits_d, d, bits_p, p, bits_a, a))
+    head = ("| setting | decode bits/el. | Δppl per token % [95% CI] | prefill bits/el. | "
+            "Δppl per block % [95% CI] | Δacc points [95% CI] | items | meets both |\n"
+            "|---|---:|---|---:|---|---|---:|---|")
+    return head + "\n" + "\n".join(rows), points
+
+
+def plot(points: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    families: dict[str, list] = {}
+    for name, bd, d, bp, p, _, a in points:
+        families.setdefault(name.split("[")[0], []).append((name, bd, d, bp, p, a))
+    for fam, pts in families.items():
+        xs = [(bd, d) for _, bd, d, _, _, _ in pts if d and "delta_ci95" in d]
+        if xs:
+            xs.sort(key=lambda t: t[0])
+            ax1.errorbar([b for b, _ in xs], [d["delta"] for _, d in xs],
+                         yerr=[[d["delta"] - d["delta_ci95"][0] for _, d in xs],
+                               [d["delta_ci95"][1] - d["delta"] for _, d in xs]],
+                         marker="o", capsize=3, label=fam)
+        ys = [(bp, a) for _, _, _, bp, _, a in pts if a and "delta_ci95" in a and bp]
+        if ys:
+            ys.sort(key=lambda t: t[0])
+            ax2.errorbar([b for b, _ in ys], [a["delta"] for _, a in ys],
+                         yerr=[[a["delta"] - a["delta_ci95"][0] for _, a in ys],
+                               [a["delta_ci95"][1] - a["delta"] for _, a in ys]],
+                         marker="o", capsize=3, label=fam)
+    ax1.axhline(PPL_GOAL, color="k", ls="--", lw=0.8)
+    ax1.set_yscale("symlog", linthresh=1)
+    ax1.set_xlabel("bits per element, headers included (decode rows, one message per token)")
+    ax1.set_ylabel("Δ perplexity per token, % (95% CI)")
+    ax1.set_title("Decode rows: 400 evaluation documents")
+    ax2.axhline(-ACC_GOAL, color="k", ls="--", lw=0.8)
+    ax2.set_xlabel("bits per element, headers included (prefill blocks)")
+    ax2.set_ylabel("Δ accuracy, points (95% CI)")
+    ax2.set_title("Prefill: ten tasks' dev sets")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--decode", nargs="*", type=Path, default=[])
+    ap.add_argument("--prefill", nargs="*", type=Path, default=[])
+    ap.add_argument("--accuracy", nargs="*", type=Path, default=[])
+    ap.add_argument("--png", type=Path, default=None)
+    args = ap.parse_args()
+    table, points = build(args.decode, args.prefill, args.accuracy)
+    print(table)
+    if args.png:
+        plot(points, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
