@@ -183,11 +183,11 @@ def rans_symbols(stream: bytes, tables: list[int]) -> list[int]:
     for j in tables:
         Q, freqs = klt_table(j)
         s = x % 65536
-        cum = 0
-        for i, f in enumerate(freqs):
-            if cum <= s < cum + f:
-                break
-            cum += f
+        i, cum = 0, 0
+        while s >= cum + freqs[i]:  # the symbol whose interval holds s
+            cum += freqs[i]
+            i += 1
+        f = freqs[i]
         out.append(i - Q)
         x = f * (x >> 16) + s - cum
         while x < 2**23:
