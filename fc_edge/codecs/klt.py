@@ -28,7 +28,6 @@ rANS stream), so a decode row sees what a prefill row sees but for the base.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from dataclasses import replace
@@ -52,7 +51,6 @@ from fc_edge.codecs.base import (
 from fc_edge.codecs.calibration import Calibration, gain_codes, gains
 from fc_edge.codecs.calibration import load as load_calibration
 from fc_edge.codecs.context import CodecContext, context_of
-from fc_edge.codecs.rate import largest_fitting
 from fc_edge.errors import BudgetError, ConfigError, WireError
 
 PREDICT = {"none": 0, "token": 1}
@@ -164,7 +162,6 @@ class KLTCodec(Codec):
         cap = self.cap_bytes(x)
         params = {"calibration": cal.wire_id, "predict": predict, "step": 0, "code_bytes": 0}
         streams: dict[int, bytes] = {}
-        inv_step = {}
 
         def packed(step: int, code_bytes: int) -> int:
             p = {**params, "step": step, "code_bytes": code_bytes}
@@ -173,34 +170,26 @@ class KLTCodec(Codec):
         def stream(step: int) -> bytes:
             if step not in streams:
                 j = coded_tables(log_std, step)
-                symbols = rans.quantize(y[:, : len(j)], inv_step[step], j)
+                symbols = rans.quantize(y[:, : len(j)], np.full(N, 1 / step_alpha(step),
+                                                                np.float32), j)
                 streams[step] = rans.encode(symbols, j)
             return streams[step]
-
-        estimates: dict[int, int] = {}
-
-        def estimate(step: int) -> int:  # the stream's information content: no coding
-            if step not in estimates:
-                inv_step[step] = np.full(N, 1 / step_alpha(step), np.float32)
-                j = coded_tables(log_std, step)
-                estimates[step] = rans.stream_bytes(y[:, : len(j)], inv_step[step], j)
-            return estimates[step]
-
-        def fits(step: int) -> bool:  # the estimate (within 2 bytes), then the real size
-            if packed(step, estimate(step) - 2) > cap:
-                return False
-            return packed(step, len(stream(step))) <= cap
 
         top = max_step(log_std)
         if self.step is not None:  # a fixed quality: this step, coarser only past the cap
             top = min(top, self.step)
-        budget = cap - N - header_bytes(type(self), tuple(x.shape))
-        # predict from the Gaussian model, measure there, rescale the model by what was
-        # measured (real rows are not the calibration's), predict again and search from there
-        guess = _predict_step(log_std, N, budget, top)
-        measured = max(estimate(guess) - 4, 1) / max(_model_bytes(log_std, N, guess), 1e-9)
-        step = largest_fitting(fits, _predict_step(log_std, N, budget, top, measured), top)
-        if step is None:
+        # the finest step whose information content fits (one compiled bisection), then code
+        # it, one step coarser at a time while the real stream (within a byte or two) does not
+        def fits(s: int) -> bool:
+            return packed(s, len(stream(s))) <= cap
+
+        budget = cap - N - header_bytes(type(self), tuple(x.shape), None, cap)
+        step = rans.largest_step(y, log_std, STEP_ZERO, top, budget + 2)
+        while step >= 0 and not fits(step):
+            step -= 1
+        while 0 <= step < top and fits(step + 1):  # the header bound was loose by a byte
+            step += 1
+        if step < 0:
             why = f"the coarsest step takes {packed(0, len(stream(0)))} bytes, the cap is {cap}"
             if self.ratio is not None:
                 raise too_small(self.name, tuple(x.shape), self.ratio, why)
@@ -332,31 +321,3 @@ def predictions(ctx: CodecContext, cal: Calibration, tokens: torch.Tensor) -> to
                          + cal.predictor_bias)
         table = ctx.cache[key] = torch.cat(parts)
     return table[ids]
-
-
-@functools.lru_cache(maxsize=16)
-def _row_model_bits(log_std: bytes) -> np.ndarray:
-    """``(MAX_STEP + 1,)`` model bits of one row at every step, for int64 ``log_std`` bytes."""
-    e = np.frombuffer(log_std, dtype=np.int64)
-    table = rans.model_bits_table()
-    return np.array([float(table[coded_tables(e, s) - rans.J_MIN].sum())
-                     if s <= max_step(e) else np.inf for s in range(MAX_STEP + 1)])
-
-
-def _model_bytes(log_std: np.ndarray, N: int, step: int) -> float:
-    """Stream bytes (state excluded) of N rows that follow the calibration's normals."""
-    return N * float(_row_model_bits(log_std.astype(np.int64).tobytes())[step]) / 8
-
-
-def _predict_step(log_std: np.ndarray, N: int, budget: int, top: int,
-                  calibration: float = 1.0) -> int:
-    """The finest step whose model size, times ``calibration`` (measured / model at an earlier
-    probe), fits ``budget`` bytes."""
-    lo, hi = 0, top
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _model_bytes(log_std, N, mid) * calibration + 4 <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo

@@ -172,6 +172,40 @@ def _cost(y, inv_step, tables, offsets, qs, costs):  # pragma: no cover (compile
 
 
 @numba.njit(cache=True, nogil=True)
+def _largest_step(y, log_std, step_zero, lo, hi, budget_bits, offsets, qs,
+                  costs):  # pragma: no cover (compiled)
+    """The largest step in ``lo..hi`` whose symbols cost at most ``budget_bits`` (bisection;
+    cost grows with the step), or ``lo - 1``. Step s quantizes with ``2^((s - step_zero)/16)``
+    and codes the components with ``j = log_std + s - step_zero >= J_MIN``."""
+    N, K = y.shape
+    best = lo - 1
+    while lo <= hi:
+        s = (lo + hi) // 2
+        inv = np.float32(2.0 ** ((s - step_zero) / 16.0))
+        total = 0.0
+        for k in range(K):
+            j = log_std[k] + s - step_zero
+            if j < J_MIN:
+                break
+            t = j - J_MIN
+            Q = qs[t]
+            base = offsets[t] + Q
+            for r in range(N):
+                q = np.rint(y[r, k] * inv)
+                if q > Q:
+                    q = Q
+                elif q < -Q:
+                    q = -Q
+                total += costs[base + np.int64(q)]
+        if total <= budget_bits:
+            best = s
+            lo = s + 1
+        else:
+            hi = s - 1
+    return best
+
+
+@numba.njit(cache=True, nogil=True)
 def _encode(symbols, tables, offsets, qs, cum):  # pragma: no cover (compiled)
     """rANS-encode every symbol, row-major; returns the stream (4 state bytes first)."""
     N, K = symbols.shape
@@ -271,6 +305,17 @@ def stream_bytes(y: np.ndarray, inv_step: np.ndarray, j: np.ndarray) -> int:
                  np.ascontiguousarray(inv_step, dtype=np.float32), table_slots(j), offsets, qs,
                  packed_costs())
     return int(math.ceil(bits / 8)) + 4
+
+
+def largest_step(y: np.ndarray, log_std: np.ndarray, step_zero: int, top: int,
+                 budget_bytes: float) -> int:
+    """The largest step in ``0..top`` whose stream (information content + 4 state bytes) fits
+    ``budget_bytes``; -1 if none. ``y`` ``(N, K)`` float32, ``log_std`` ``(K,)``
+    non-increasing, with every ``log_std + top - step_zero <= J_MAX``."""
+    offsets, qs, _ = packed_tables()
+    return int(_largest_step(np.ascontiguousarray(y, dtype=np.float32),
+                             np.ascontiguousarray(log_std, dtype=np.int64), step_zero, 0, top,
+                             (budget_bytes - 4) * 8.0, offsets, qs, packed_costs()))
 
 
 def encode(symbols: np.ndarray, j: np.ndarray) -> bytes:
