@@ -82,6 +82,17 @@ def build(decode: list[Path], prefill: list[Path], accuracy: list[Path]) -> tupl
     return head + "\n" + "\n".join(rows), points
 
 
+def _errorbars(ax, pts: list, label: str) -> None:
+    """(bits, entry) points of one codec family, with their 95% intervals as error bars."""
+    if not pts:
+        return
+    pts = sorted(pts, key=lambda t: t[0])
+    ax.errorbar([b for b, _ in pts], [e["delta"] for _, e in pts],
+                yerr=[[e["delta"] - e["delta_ci95"][0] for _, e in pts],
+                      [e["delta_ci95"][1] - e["delta"] for _, e in pts]],
+                marker="o", capsize=3, label=label)
+
+
 def plot(points: list, path: Path) -> None:
     import matplotlib
 
@@ -93,20 +104,9 @@ def plot(points: list, path: Path) -> None:
     for name, bd, d, bp, p, _, a in points:
         families.setdefault(name.split("[")[0], []).append((name, bd, d, bp, p, a))
     for fam, pts in families.items():
-        xs = [(bd, d) for _, bd, d, _, _, _ in pts if d and "delta_ci95" in d]
-        if xs:
-            xs.sort(key=lambda t: t[0])
-            ax1.errorbar([b for b, _ in xs], [d["delta"] for _, d in xs],
-                         yerr=[[d["delta"] - d["delta_ci95"][0] for _, d in xs],
-                               [d["delta_ci95"][1] - d["delta"] for _, d in xs]],
-                         marker="o", capsize=3, label=fam)
-        ys = [(bp, a) for _, _, _, bp, _, a in pts if a and "delta_ci95" in a and bp]
-        if ys:
-            ys.sort(key=lambda t: t[0])
-            ax2.errorbar([b for b, _ in ys], [a["delta"] for _, a in ys],
-                         yerr=[[a["delta"] - a["delta_ci95"][0] for _, a in ys],
-                               [a["delta_ci95"][1] - a["delta"] for _, a in ys]],
-                         marker="o", capsize=3, label=fam)
+        _errorbars(ax1, [(bd, d) for _, bd, d, _, _, _ in pts if d and "delta_ci95" in d], fam)
+        _errorbars(ax2, [(bp, a) for _, _, _, bp, _, a in pts
+                         if a and "delta_ci95" in a and bp], fam)
     ax1.axhline(PPL_GOAL, color="k", ls="--", lw=0.8)
     ax1.set_yscale("symlog", linthresh=1)
     ax1.set_xlabel("bits per element, headers included (decode rows, one message per token)")
