@@ -82,6 +82,51 @@ def build(decode: list[Path], prefill: list[Path], accuracy: list[Path]) -> tupl
     return head + "\n" + "\n".join(rows), points
 
 
+def heldout(records: Path, data_dir: Path | None = None) -> list[str]:
+    """Δacc of every setting in an accuracy records file over the items whose context is not
+    one of the calibration documents (CosmosQA and LogiQA items share dev.txt's documents), with
+    its 95% interval, and how many items were left out."""
+    from fc_edge.eval import stats
+    from fc_edge.eval.scoring import ItemScore
+    from fc_edge.paths import read_texts, shared_dir, split_documents
+
+    calibration = set(split_documents(read_texts())["calibration"])
+    recs: dict[str, dict[int, dict]] = {}
+    with open(records, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if "task" in r:
+                recs.setdefault(r["task"], {})[int(r["idx"])] = r
+    keep: dict[str, list[dict]] = {}
+    left_out = 0
+    for task, by_idx in recs.items():
+        path = (data_dir or shared_dir() / "datasets") / task / "dev.jsonl"
+        with open(path, encoding="utf-8") as f:  # the raw records: CosmosQA's and LogiQA's
+            contexts = [str(json.loads(line).get("context", "")).strip() for line in f]
+        for idx, r in sorted(by_idx.items()):
+            if contexts[idx] and contexts[idx] in calibration:
+                left_out += 1
+                continue
+            keep.setdefault(task, []).append(r)
+    labels = sorted({k for rs in keep.values() for r in rs for k in r["s"]} - {"1:none"})
+
+    def decisions(ll: list[float], r: dict) -> dict:
+        sc = ItemScore(ll, r["chars"], r["label"])
+        return {"acc": sc.acc, "pred": sc.pred}
+
+    out = []
+    for key in labels:
+        ref = {t: [decisions(r["ref"], r) for r in rs] for t, rs in keep.items()}
+        mine = {t: [decisions(r["s"][key]["ll"], r) for r in rs] for t, rs in keep.items()}
+        c = stats.accuracy_comparison(ref, mine, "acc")
+        lo, hi = (100 * v for v in c["delta_ci95"])
+        n = sum(len(v) for v in keep.values())
+        out.append(f"- `{short(key.split(':', 1)[1])}` on the {n:,} items whose context is not a "
+                   f"calibration document ({left_out} left out): Δacc {100 * c['delta']:+.2f} "
+                   f"points [{lo:+.2f}, {hi:+.2f}]")
+    return out
+
+
 def _errorbars(ax, pts: list, label: str) -> None:
     """(bits, entry) points of one codec family, with their 95% intervals as error bars."""
     if not pts:
@@ -129,11 +174,15 @@ def main() -> int:
     ap.add_argument("--prefill", nargs="*", type=Path, default=[])
     ap.add_argument("--accuracy", nargs="*", type=Path, default=[])
     ap.add_argument("--png", type=Path, default=None)
+    ap.add_argument("--heldout", nargs="*", type=Path, default=[],
+                    help="accuracy records files: Δacc without the calibration documents' items")
     args = ap.parse_args()
     table, points = build(args.decode, args.prefill, args.accuracy)
     print(table)
     if args.png:
         plot(points, args.png)
+    for path in args.heldout:
+        print("\n".join(heldout(path)))
     return 0
 
 
