@@ -23,16 +23,18 @@ one warp per row (``cupy_rotated.cu`` says how each splits its row among the 32 
 **When the GPU coder pays** (:data:`MIN_GPU_VALUES`). Its cost is fixed, not per value: about
 ``6 + 4 P`` kernel launches (P = steps the rate control probes: 1 without a byte cap, 2-3 with
 one) and ``1 + P`` host synchronisations, each launch ~5-20 us from Python and each sync
-~10-20 us plus the kernel's own latency: ~0.1-0.2 ms whatever N and K, plus one serial chain
-per row (RMS: K float64 additions by one lane, ~10 ns each). The CPU coder's cost is per value:
-one device-to-host copy of the N x K float32 coefficients and three host-to-device copies of
-the payload (~10-20 us each at these sizes), then numba at ~5 ns per value and pass (RMS,
-P quantizer passes, the writer: ~(2 + P) x 5 ns). They cross where
-``(2 + P) x 5 ns x N K`` ~ ``0.1 ms - 0.05 ms``: N K ~ 3,000-7,000 values on a desktop CPU, and
-~2x higher on a Jetson's Arm cores (numba slower, launches slower too). A decode step's row
-(N = 1, K = 576: 576 values) is 5-10x below that; a 512-row prefill (295k values) 40x above.
-The threshold is 8,192 values (``FC_EDGE_CUPY_MIN_VALUES`` overrides it; 0 sends everything to
-the GPU), to be confirmed by ``tools/bench_cupy.py``, which times both coders around it.
+~10-20 us plus the kernel's own latency: F_gpu ~ 0.1-0.2 ms whatever N and K, plus one serial
+chain per row (the RMS: K float64 additions by one lane). The CPU coder pays a fixed
+F_cpu ~ 0.05 ms (one device-to-host copy of the N x K float32 coefficients, three host-to-device
+copies of the payload, ~10-20 us each at these sizes) and then numba at ~5 ns per value and pass,
+``2 + P`` passes (RMS, P quantizer passes, the writer): c ~ 15-25 ns per value. They cross at
+``N K = (F_gpu - F_cpu) / c`` ~ (0.05-0.15 ms) / (15-25 ns) ~ 2,000-10,000 values on a desktop
+CPU core; a Jetson's Arm cores run numba slower, and launch slower too. A decode step's row
+(N = 1, K = 576: 576 values) is 3-17x below that; a 512-row prefill (295k values) 30x above.
+The threshold is 8,192 values, the upper half of the range on purpose (below the crossover the
+CPU coder costs tens of microseconds either way; above it the GPU's lead grows with N K);
+``FC_EDGE_CUPY_MIN_VALUES`` overrides it (0 sends everything to the GPU). To be confirmed by
+``tools/bench_cupy.py``, which times both coders around it.
 
 A :class:`Runner` launches the kernels; :class:`CupyRunner` is the GPU one. The tests run this
 module's logic on the host with a runner over numpy arrays and the same kernel source compiled
@@ -45,6 +47,7 @@ import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,14 +74,15 @@ MIN_GPU_VALUES = 8192
 #: The longest code word the kernels handle (fc_write_rows keeps the stream's last 32 bits).
 MAX_CODE_BITS = 24
 
-_min_values_override: int | None = None
+_CUTOFF: ContextVar[int | None] = ContextVar("fc_edge_cupy_min_values", default=None)
 
 
 def min_gpu_values() -> int:
     """The cutoff now: :func:`gpu_cutoff`'s value inside one, else ``FC_EDGE_CUPY_MIN_VALUES``,
     else :data:`MIN_GPU_VALUES`."""
-    if _min_values_override is not None:
-        return _min_values_override
+    override = _CUTOFF.get()
+    if override is not None:
+        return override
     raw = os.environ.get("FC_EDGE_CUPY_MIN_VALUES")
     if raw is None:
         return MIN_GPU_VALUES
@@ -93,16 +97,15 @@ def min_gpu_values() -> int:
 
 @contextmanager
 def gpu_cutoff(values: int) -> Iterator[None]:
-    """Within the block the GPU coder takes N x K >= ``values`` (0: every size), whatever the
-    default: for benchmarks and tests that compare the two coders at one size."""
-    global _min_values_override
+    """Within the block (this thread or task) the GPU coder takes N x K >= ``values`` (0: every
+    size), whatever the default: for benchmarks and tests that compare the coders at one size."""
     if values < 0:
         raise ConfigError(f"the GPU coder's cutoff must be >= 0 values, got {values}")
-    before, _min_values_override = _min_values_override, values
+    token = _CUTOFF.set(values)
     try:
         yield
     finally:
-        _min_values_override = before
+        _CUTOFF.reset(token)
 
 
 def use_gpu(n_values: int) -> bool:

@@ -94,14 +94,22 @@ def test_kernels_do_not_depend_on_flush_to_zero(tmp_path: Path) -> None:
 
 
 def _nvrtc() -> ctypes.CDLL | None:
-    """libnvrtc: $FC_EDGE_NVRTC, the nvidia-cuda-nvrtc wheel's, or the system's."""
+    """libnvrtc: $FC_EDGE_NVRTC, the nvidia-cuda-nvrtc wheel's (CUDA 13: nvidia/cu13/lib; 12:
+    nvidia/cuda_nvrtc/lib), or the system's. Its builtins library beside it is loaded first, so
+    NVRTC finds it without LD_LIBRARY_PATH."""
     candidates = [os.environ.get("FC_EDGE_NVRTC")]
     spec = importlib.util.find_spec("nvidia")
     for root in list(spec.submodule_search_locations or []) if spec else []:
-        candidates += sorted(glob.glob(os.path.join(root, "cuda_nvrtc", "lib", "libnvrtc.so*")))
+        candidates += sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so*")))
     candidates.append(ctypes.util.find_library("nvrtc"))
     for path in candidates:
         if path:
+            folder = os.path.dirname(path)
+            for builtins in sorted(glob.glob(os.path.join(folder, "libnvrtc-builtins.so*"))):
+                try:
+                    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+                except OSError:
+                    pass
             try:
                 return ctypes.CDLL(path)
             except OSError:
@@ -114,7 +122,7 @@ def test_kernel_source_compiles_with_nvrtc() -> None:
     --device-as-default-execution-space): what a Jetson without a toolkit does at run time."""
     lib = _nvrtc()
     if lib is None:
-        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12, or FC_EDGE_NVRTC)")
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or FC_EDGE_NVRTC)")
     prog = ctypes.c_void_p()
     src = cupy_rotated.KERNEL_SOURCE.read_bytes()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"cupy_rotated.cu", 0, None, None) == 0
