@@ -41,11 +41,12 @@ def nvcc_version(nvcc: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def nvcc_archs(nvcc: str) -> set[str]:
-    """Architectures this nvcc emits code for, as "8.7" ("sm_87" in ``--list-gpu-code``)."""
-    out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True,
-                         check=True).stdout
-    return {f"{m[:-1]}.{m[-1]}" for m in re.findall(r"sm_(\d+)", out)}
+def nvcc_archs(nvcc: str) -> set[str] | None:
+    """Architectures this nvcc emits code for, as "8.7" ("sm_87" in ``--list-gpu-code``); None
+    when it cannot say (an nvcc older than the option)."""
+    done = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True)
+    found = re.findall(r"sm_(\d+)", done.stdout) if done.returncode == 0 else []
+    return {f"{m[:-1]}.{m[-1]}" for m in found} or None
 
 
 def jetson_arch() -> str | None:
@@ -60,13 +61,13 @@ def jetson_arch() -> str | None:
     return "7.2" if "Xavier" in model else "8.7"
 
 
-def cuda_arch_list(requested: str | None, supported: set[str], version: tuple[int, int],
-                   jetson: str | None = None) -> str:
+def cuda_arch_list(requested: str | None, supported: set[str] | None,
+                   version: tuple[int, int], jetson: str | None = None) -> str:
     """The ``TORCH_CUDA_ARCH_LIST`` to build: ``requested`` if given, else ``jetson``, else
     :data:`DEFAULT_ARCHS`; :class:`ArchError` naming an architecture this nvcc (``version``,
-    building ``supported``) cannot build."""
+    building ``supported``; None: unknown, nothing checked) cannot build."""
     archs = requested or jetson or DEFAULT_ARCHS
-    for entry in re.split(r"[;\s]+", archs.strip()):
+    for entry in re.split(r"[;\s]+", archs.strip()) if supported is not None else []:
         arch = entry.removesuffix("+PTX")
         if re.fullmatch(r"\d+\.\d+", arch) and arch not in supported:  # not names ("Hopper")
             release = f"{version[0]}.{version[1]}"
@@ -128,7 +129,8 @@ def _cuda_extension() -> tuple[list, dict]:
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/kernels/*.cu"))
     if not sources:
         return [], {}
-    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    nvcc = next((path for path in (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"),
+                                    shutil.which("nvcc")) if path and os.path.exists(path)), "nvcc")
     try:
         version = nvcc_version(nvcc)
         archs = cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), nvcc_archs(nvcc), version,

@@ -286,6 +286,8 @@ def test_xavier_needs_a_cuda12_nvcc(tmp_path: Path) -> None:
     # an explicit list wins over the Jetson default; architecture names pass to torch unchecked
     assert setup_py.cuda_arch_list("9.0", supported, version, jetson="7.2") == "9.0"
     assert setup_py.cuda_arch_list("Hopper", supported, version) == "Hopper"
+    # an nvcc that cannot list its architectures: nothing is checked, torch and nvcc decide
+    assert setup_py.cuda_arch_list("7.2", None, (10, 2)) == "7.2"
 
 
 if __name__ == "__main__":
