@@ -23,7 +23,7 @@ reproduces exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -123,16 +123,25 @@ def delta_acc_ci(per_task_diffs: Mapping[str, Sequence[float]], level: float = 0
 
 
 def delta_ppl_ci(ref_nll: Sequence[float], codec_nll: Sequence[float], tokens: Sequence[int],
-                 level: float = 0.95, n_resamples: int = N_RESAMPLES, seed: int = SEED
-                 ) -> tuple[float, float]:
+                 level: float = 0.95, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                 clusters: Sequence[Hashable] | None = None) -> tuple[float, float]:
     """Interval of the relative perplexity change (a fraction: 0.01 = +1%), documents resampled
     in pairs. ``*_nll``: per document summed negative log-likelihood (nats); ``tokens``: scored
-    tokens per document."""
+    tokens per document. ``clusters``: per document a key (e.g. a digest of its text); the
+    documents of one key are resampled together (a cluster bootstrap), so copies of one text
+    do not count as independent documents."""
     r = np.asarray(ref_nll, dtype=np.float64)
     c = np.asarray(codec_nll, dtype=np.float64)
     n = np.asarray(tokens, dtype=np.float64)
     if not (r.size == c.size == n.size) or r.size == 0:
         raise ValueError("per-document arrays must be non-empty and of one length")
+    if clusters is not None:
+        if len(clusters) != r.size:
+            raise ValueError(f"{len(clusters)} cluster keys for {r.size} documents")
+        # the statistic is a ratio of sums, so a cluster is its documents' sums
+        index = {k: i for i, k in enumerate(dict.fromkeys(clusters))}
+        of = np.asarray([index[k] for k in clusters])
+        r, c, n = (np.bincount(of, weights=v, minlength=len(index)) for v in (r, c, n))
 
     def rel(r_: np.ndarray, c_: np.ndarray, n_: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.expm1((c_.sum(axis=axis) - r_.sum(axis=axis)) / n_.sum(axis=axis))

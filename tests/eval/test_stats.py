@@ -104,3 +104,20 @@ def test_accuracy_comparison_counts():
     assert r["tasks"]["t"]["ref_stderr"] == pytest.approx(math.sqrt(1 / 3) / 2)
     lo, hi = r["delta_ci95"]
     assert -1.0 <= lo <= r["delta"] <= hi <= 0.0
+
+
+def test_clustered_bootstrap_counts_copies_once():
+    # every document twice: clustered by text, the interval is the one of the distinct
+    # documents (each cluster's sums are twice one document's, the ratio the same); counted as
+    # independent, the copies narrow it
+    rng = np.random.default_rng(3)
+    n = rng.integers(50, 500, 30).astype(float)
+    ref = 4.0 * n + rng.normal(0, 5, 30)
+    cod = ref + 0.01 * n + rng.normal(0, 5, 30)
+    once = delta_ppl_ci(ref, cod, n)
+    keys = [f"doc{i}" for i in range(30)] * 2
+    twice = [np.concatenate([v, v]) for v in (ref, cod, n)]
+    clustered = delta_ppl_ci(*twice, clusters=keys)
+    assert clustered == pytest.approx(once, abs=1e-12)
+    naive = delta_ppl_ci(*twice)
+    assert naive[1] - naive[0] < 0.85 * (once[1] - once[0])
