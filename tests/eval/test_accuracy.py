@@ -202,3 +202,22 @@ def _with_more_items(data_dir):
              "label": i % 3} for i in range(5)]
     (data_dir / "toy" / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
     return data_dir
+
+
+def test_acc_norm_table_agreement_is_acc_norms():
+    """The acc_norm table's agreement column compares the acc_norm choices (it used to show
+    acc's). By hand: choice lengths 1 and 10 characters; the reference's log-likelihoods
+    (-1, -2) pick choice 0 by acc and 1 by acc_norm (-1 < -0.2); the codec's (-1, -20) pick 0
+    by both (-1 > -2): acc agrees, acc_norm does not."""
+    from fc_edge.eval import report
+    from fc_edge.eval.summary import summarize
+
+    raw = {"bytes": 8, "raw": 8, "err": 0.0, "seqs": 2, "fb": 0}
+    rec = {"chars": [1, 10], "label": 0, "ref": [-1.0, -2.0],
+           "s": {"1:none": {"ll": [-1.0, -2.0], **raw}, "1:int8": {"ll": [-1.0, -20.0], **raw}}}
+    settings = build_settings("none,int8")
+    res = {"tasks": ["t"], "results": summarize({"t": [rec, rec]}, [1], settings)}
+    acc = [r for r in report.accuracy_rows(res, "acc") if r["codec"] == "int8"][0]
+    norm = [r for r in report.accuracy_rows(res, "acc_norm") if r["codec"] == "int8"][0]
+    assert acc["agreement"] == 100.0 and norm["agreement"] == 0.0
+    assert norm["mean"] == 100.0 and norm["delta"] == 100.0
