@@ -16,7 +16,8 @@
 # (tools/build_ext.sh, the default GPU code), tests (pytest -m "cuda or cupy"), bench_cuda_f32,
 # bench_cuda_bf16, bench_cupy, bench_server (synthetic real-size model, N = 1, 8, 32). Each runs
 # under its own `timeout`, capped by what is left of GPU_CHECK_BUDGET_S (default 450 s, for a
-# 480 s call); a stage with too little time left is skipped and says so. Results: $OUT/
+# 480 s call); a stage with too little time left is skipped and says so. The report is rewritten
+# after every stage, so a call cut short still brings back what ran. Results: $OUT/
 # gpu_check.json (every stage's status, seconds, figures and the targets), $OUT/
 # gpu_check.log (all logs, each cut to its last 400 KB) and $OUT/logs.tar.gz (everything): three
 # files, under the tool's 8-file limit. The last lines printed are a summary table.
@@ -211,12 +212,13 @@ run() {  # run [STAGE...]: the named stages (all by default), in the order of ST
     [[ $wanted == *" $stage "* ]] || continue
     [[ -n ${STOP_BEFORE:-} && $stage == "$STOP_BEFORE" ]] && break
     run_stage "$stage"
+    report > /dev/null  # after every stage: a call cut short still brings back what ran
   done
   report
 }
 
 report() {
-  PYTHONPATH=$PYPATH "$PY" tools/gpu_check_report.py --work "$WORK" --budget "$BUDGET_S" \
+  "$PY" tools/gpu_check_report.py --work "$WORK" --budget "$BUDGET_S" \
     --elapsed $(($(date +%s) - START)) --json "$OUT/gpu_check.json"
   local log
   for log in "$WORK"/logs/*.log; do
