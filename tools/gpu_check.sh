@@ -12,7 +12,7 @@
 #   bash tools/gpu_check.sh run                   # every stage, in order of value
 #   bash tools/gpu_check.sh run tests bench_cupy  # a rerun of some (build is added if needed)
 #
-# Stages: setup (wheels into /tmp/site, loud on failure; versions; nvidia-smi), build
+# Stages: setup (wheels into /tmp/gpu_check/site, loud on failure; versions; nvidia-smi), build
 # (tools/build_ext.sh, the default GPU code), tests (pytest -m "cuda or cupy"), bench_cuda_f32,
 # bench_cuda_bf16, bench_cupy, bench_server (synthetic real-size model, N = 1, 8, 32). Each runs
 # under its own `timeout`, capped by what is left of GPU_CHECK_BUDGET_S (default 450 s, for a
@@ -82,7 +82,8 @@ stage_setup() {
   "$WHEEL_PY" - <<'PY'
 import sys
 if sys.version_info[:2] != (3, 12):
-    sys.exit(f"setup: the carried wheels are for CPython 3.12; this python is {sys.version.split()[0]}")
+    sys.exit("setup: the carried wheels are for CPython 3.12; this python is "
+             + sys.version.split()[0])
 PY
   if ! compgen -G "$G/wheels/*.whl" >/dev/null; then
     echo "setup: no wheels in $G/wheels: run 'bash tools/gpu_check.sh prep' here, carry $G" >&2
@@ -117,8 +118,14 @@ PY
     "$WHEEL_PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$SITE" $missing
   fi
-  PYTHONPATH=$SITE "$WHEEL_PY" -c \
-    'import grpc, google.protobuf, simpy, grpc_health.v1; print("setup: grpc", grpc.__version__, "protobuf", google.protobuf.__version__)'
+  PYTHONPATH=$SITE "$WHEEL_PY" - <<'PY'
+import google.protobuf
+import grpc
+import grpc_health.v1  # noqa: F401
+import simpy  # noqa: F401
+
+print("setup: grpc", grpc.__version__, "protobuf", google.protobuf.__version__)
+PY
   PYTHONPATH=$PYPATH "$PY" - <<'PY'
 import importlib.util
 import json
@@ -151,7 +158,7 @@ PY
   else
     echo "setup: no nvidia-smi here"
   fi
-  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+  if command -v nvcc >/dev/null; then nvcc --version | tail -n 2; else echo "setup: no nvcc here"; fi
 }
 
 stage_build() { PYTHON=$PY MAX_JOBS=${MAX_JOBS:-16} tools/build_ext.sh; }
@@ -161,8 +168,12 @@ stage_tests() {
     --timeout 120 --junitxml "$WORK/tests.xml" tests
 }
 
-stage_bench_cuda_f32() { "$PY" tools/bench_cuda.py --dtype float32 --json "$WORK/bench_cuda_f32.json"; }
-stage_bench_cuda_bf16() { "$PY" tools/bench_cuda.py --dtype bfloat16 --json "$WORK/bench_cuda_bf16.json"; }
+stage_bench_cuda_f32() {
+  "$PY" tools/bench_cuda.py --dtype float32 --json "$WORK/bench_cuda_f32.json"
+}
+stage_bench_cuda_bf16() {
+  "$PY" tools/bench_cuda.py --dtype bfloat16 --json "$WORK/bench_cuda_bf16.json"
+}
 stage_bench_cupy() { "$PY" tools/bench_cupy.py --json "$WORK/bench_cupy.json"; }
 
 stage_bench_server() {
@@ -249,11 +260,14 @@ case "${1:-}" in
       shift
     fi
     export PY WHEEL_PY PYPATH
-    export FC_EDGE_COMMIT=${FC_EDGE_COMMIT:-$(cat "$G/commit" 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)}
+    # the commit: .gpu/commit (prep writes it; .git does not travel), else git
+    FC_EDGE_COMMIT=${FC_EDGE_COMMIT:-$(cat "$G/commit" 2>/dev/null ||
+      git rev-parse HEAD 2>/dev/null || echo unknown)}
+    export FC_EDGE_COMMIT
     export PYTHONPATH=$PYPATH
     run "$@"
     ;;
   _stage) shift; "stage_$1" ;;
-  *) echo "usage: $0 prep | dry-run | run [STAGE...]  (stages: $STAGES_ALL; see the head of this file)" >&2
+  *) echo "usage: $0 prep | dry-run | run [STAGE...] (stages: $STAGES_ALL)" >&2
      exit 2 ;;
 esac
