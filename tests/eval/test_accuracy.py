@@ -136,6 +136,7 @@ def test_records_resume_and_intervals_in_results(char_tok, tiny_llama, data_dir,
     assert (tmp_path / "delta.png").is_file()
 
 
+@pytest.mark.cuda  # tools/gpu_check.sh runs `pytest -m "cuda or cupy"`
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_scores_equal_cpu_scores(char_tok, tiny_llama, data_dir, tmp_path):
     """`fc-edge eval --device cuda`: the same scores and bytes as on the CPU (float32 on both),
