@@ -14,8 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fc_edge.eval.accuracy import evaluate
 from fc_edge.eval.forward import LayerStack
-from fc_edge.eval.runner import evaluate, send_rows
+from fc_edge.eval.multiple_choice import send_prefills
 from fc_edge.eval.settings import build_settings
 from fc_edge.eval.tasks import default_data_dir, encode_item, load_task
 
@@ -51,7 +52,8 @@ def test_split_head_codec_tail_scores_equal_eval(sample):
             ids = torch.tensor(seq)
             with torch.inference_mode():
                 a = head.start(len(seq)).step(ids)
-                a_hat = decode(wire.unpack(wire.pack(setting.codec.encode(a))))
+                ctx = setting.codec.context  # what both ends of the model hold
+                a_hat = decode(wire.unpack(wire.pack(setting.codec.encode(a)), ctx=ctx), ctx)
                 logits = tail.start().step(a_hat).double()
             lp = torch.log_softmax(logits, -1)
             runtime_ll.append(float(sum(lp[t - 1, seq[t]] for t in range(start, len(seq)))))
@@ -74,7 +76,7 @@ def test_grpc_runtime_next_token_equals_eval_argmax(sample):
                 with torch.inference_mode():
                     h, ctx = stack.start(ids)
                     h = stack.run(h, ctx, 0, LAYER)
-                    h = send_rows(setting, h, [len(seq)], None)
+                    h = send_prefills(setting, h, [len(seq)])
                     h = stack.run(h, ctx, LAYER, stack.num_layers)
                     want = int(stack.logits(h)[0, -1].argmax())
                 result = client.generate(list(seq), max_new_tokens=1, eos_token_id=None)
