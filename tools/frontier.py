@@ -24,10 +24,36 @@ def short(label: str) -> str:
     return re.sub(r",?calibration=[^,\]]*", "", label).replace("[]", "")
 
 
+def from_records(path: Path) -> dict:
+    """A perplexity run's summary (the eval JSON's shape: Δppl, its document-pair interval,
+    bytes) from its records file alone, for a run stopped part-way (its n documents)."""
+    import math
+
+    from fc_edge.eval import stats
+
+    lines = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    recs = [r for r in lines if "ref" in r]
+    ref, tokens = [r["ref"] for r in recs], [r["tokens"] for r in recs]
+    n_tok = sum(tokens)
+    results = {}
+    for key in recs[0]["s"]:
+        nll = [r["s"][key]["nll"] for r in recs]
+        sent = sum(r["s"][key]["bytes"] for r in recs)
+        raw = sum(r["s"][key]["raw"] for r in recs)
+        delta = 100 * (math.exp((sum(nll) - sum(ref)) / n_tok) - 1)
+        e = {"delta": delta, "byte_ratio": raw / sent}
+        if key != "1:none":
+            e["delta_ci95"] = [100 * v for v in stats.delta_ppl_ci(ref, nll, tokens)]
+        results[key.split(":", 1)[1]] = e
+    return {"kind": "perplexity", "documents": len(recs), "tokens": n_tok,
+            "results": {"1": results}}
+
+
 def _entries(paths: list[Path], kind: str) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for p in paths:
-        data = json.loads(Path(p).read_text())
+        data = (from_records(p) if str(p).endswith(".jsonl")
+                else json.loads(Path(p).read_text()))
         runs = data.get("runs", [data]) if isinstance(data, dict) else data
         for run in runs:
             if run.get("kind") != kind:
@@ -72,13 +98,14 @@ def build(decode: list[Path], prefill: list[Path], accuracy: list[Path]) -> tupl
         def bits(b: float | None) -> str:
             return f"{b:.2f}" if b else "–"
 
-        rows.append(f"| `{name}` | {bits(bits_d)} | {_fmt_ci(d, '%')} | {bits(bits_p)} | "
-                    f"{_fmt_ci(p, '%')} | {_fmt_ci(a)} | {n_acc or '–'} | "
-                    f"{verdict.strip('; ')} |")
+        n_d, n_p = (d or {}).get("_n") or "–", (p or {}).get("_n") or "–"
+        rows.append(f"| `{name}` | {bits(bits_d)} | {_fmt_ci(d, '%')} | {n_d} | "
+                    f"{bits(bits_p)} | {_fmt_ci(p, '%')} | {n_p} | "
+                    f"{_fmt_ci(a)} | {n_acc or '–'} | {verdict.strip('; ')} |")
         points.append((name, bits_d, d, bits_p, p, bits_a, a))
-    head = ("| setting | decode bits/el. | Δppl per token % [95% CI] | prefill bits/el. | "
-            "Δppl per block % [95% CI] | Δacc points [95% CI] | items | meets both |\n"
-            "|---|---:|---|---:|---|---|---:|---|")
+    head = ("| setting | decode bits/el. | Δppl per token % [95% CI] | docs | prefill bits/el. "
+            "| Δppl per block % [95% CI] | docs | Δacc points [95% CI] | items | meets both |\n"
+            "|---|---:|---|---:|---:|---|---:|---|---:|---|")
     return head + "\n" + "\n".join(rows), points
 
 
