@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 PPL_GOAL, ACC_GOAL = 1.0, 0.5  # +1% perplexity, -0.5 points, each by the interval's worst end
+FULL_ITEMS = 8939  # the ten tasks' complete dev sets
 
 
 def short(label: str) -> str:
@@ -94,6 +95,8 @@ def build(decode: list[Path], prefill: list[Path], accuracy: list[Path]) -> tupl
         else:
             verdict = "**yes**" if ppl_ok and acc_ok else "no"
         n_acc = a.get("_n") if a else None
+        if a is not None and n_acc and n_acc < FULL_ITEMS:
+            verdict += f" (accuracy on {n_acc:,} of the {FULL_ITEMS:,} items)"
 
         def bits(b: float | None) -> str:
             return f"{b:.2f}" if b else "–"
@@ -109,7 +112,8 @@ def build(decode: list[Path], prefill: list[Path], accuracy: list[Path]) -> tupl
     return head + "\n" + "\n".join(rows), points
 
 
-def heldout(records: Path, data_dir: Path | None = None) -> list[str]:
+def heldout(records: Path, data_dir: Path | None = None, limit: int | None = None
+            ) -> list[str]:
     """Δacc of every setting in an accuracy records file over the items whose context is not
     one of the calibration documents (CosmosQA and LogiQA items share dev.txt's documents), with
     its 95% interval, and how many items were left out."""
@@ -122,7 +126,7 @@ def heldout(records: Path, data_dir: Path | None = None) -> list[str]:
     with open(records, encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
-            if "task" in r:
+            if "task" in r and (limit is None or int(r["idx"]) < limit):
                 recs.setdefault(r["task"], {})[int(r["idx"])] = r
     keep: dict[str, list[dict]] = {}
     left_out = 0
@@ -174,7 +178,8 @@ def plot(points: list, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     families: dict[str, list] = {}
     for name, bd, d, bp, p, _, a in points:
-        families.setdefault(name.split("[")[0], []).append((name, bd, d, bp, p, a))
+        fam = name.split("[")[0] + (" (fixed step, capped)" if "step=" in name else "")
+        families.setdefault(fam, []).append((name, bd, d, bp, p, a))
     for fam, pts in families.items():
         _errorbars(ax1, [(bd, d) for _, bd, d, _, _, _ in pts if d and "delta_ci95" in d], fam)
         _errorbars(ax2, [(bp, a) for _, _, _, bp, _, a in pts
@@ -183,7 +188,7 @@ def plot(points: list, path: Path) -> None:
     ax1.set_yscale("symlog", linthresh=1)
     ax1.set_xlabel("bits per element, headers included (decode rows, one message per token)")
     ax1.set_ylabel("Δ perplexity per token, % (95% CI)")
-    ax1.set_title("Decode rows: 400 evaluation documents")
+    ax1.set_title("Decode rows, evaluation documents (n per point in the table)")
     ax2.axhline(-ACC_GOAL, color="k", ls="--", lw=0.8)
     ax2.set_xlabel("bits per element, headers included (prefill blocks)")
     ax2.set_ylabel("Δ accuracy, points (95% CI)")
@@ -203,13 +208,15 @@ def main() -> int:
     ap.add_argument("--png", type=Path, default=None)
     ap.add_argument("--heldout", nargs="*", type=Path, default=[],
                     help="accuracy records files: Δacc without the calibration documents' items")
+    ap.add_argument("--heldout-limit", type=int, default=None,
+                    help="only the first N items of every task (the --accuracy run's --limit)")
     args = ap.parse_args()
     table, points = build(args.decode, args.prefill, args.accuracy)
     print(table)
     if args.png:
         plot(points, args.png)
     for path in args.heldout:
-        print("\n".join(heldout(path)))
+        print("\n".join(heldout(path, limit=args.heldout_limit)))
     return 0
 
 
