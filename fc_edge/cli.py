@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fc_edge.errors import FcEdgeError
+from fc_edge import __version__
+from fc_edge.errors import ConfigError, FcEdgeError
+from fc_edge.models.defaults import DEFAULT_CODEC, DEFAULT_MODEL
 
 # verb modules, imported lazily so `fc-edge --help` stays fast and a missing optional
 # dependency only breaks its own verb.
@@ -45,8 +48,72 @@ CODEC_FLAGS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Optional packages -> the extra of pyproject.toml that installs them (a missing one is named in
+#: one line, never a traceback).
+EXTRAS = {
+    "onnx": "engine", "onnxruntime": "device", "onnxscript": "engine", "tensorrt": "engine",
+    "matplotlib": "plots", "simpy": "profile", "grpc_tools": "dev", "grpc_health": "server",
+    "accelerate": "server", "lm_eval": "eval", "scipy": "eval", "statsmodels": "eval",
+    "ray": "fleet", "cupy": "gpu", "gguf": "gguf", "hypothesis": "dev",
+}
+MODEL_HELP = (f"{DEFAULT_MODEL} (embedded default), a local Hugging Face folder, a .gguf file, "
+              "a hub id ORG/NAME from the local Hugging Face cache, or synthetic:NAME")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default (unless it is unset, off, or the help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False \
+                or default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (pick a free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0..65535")
+    return port
+
+
+def check_address(target: str) -> str:
+    """``target`` when it is ``HOST:PORT`` with a port in 1..65535 (``[v6]:PORT`` for IPv6), or a
+    gRPC target with a scheme (``dns:///NAME:PORT``, ``ipv4:...``, ``unix:...``), which gRPC
+    checks itself. :class:`ConfigError` otherwise (a missing port would go to :443)."""
+    target = target.strip()
+    if re.match(r"^[a-z0-9+.-]+:(//|[^/0-9])", target) and not re.match(r"^[^:]+:\d+$", target):
+        return target  # a scheme
+    m = re.match(r"^(\[[0-9a-fA-F:.]+\]|[^:\[\]\s]+):(\d+)$", target)
+    if not m:
+        raise ConfigError(f"server address {target!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"server address {target!r}: port {port} is outside 1..65535")
+    return target
+
+
+def server_list(text: str) -> str:
+    """argparse type of ``--server``: every comma-separated address checked (see
+    :func:`check_address`); a target with a scheme is one address."""
+    from fc_edge.runtime.client import split_servers
+
+    try:
+        for target in split_servers(text):
+            check_address(target)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_codec_args(
-    parser: argparse.ArgumentParser, default: str | None = "fourier", multiple: bool = False
+    parser: argparse.ArgumentParser, default: str | None = DEFAULT_CODEC, multiple: bool = False
 ) -> None:
     """Add ``--codec`` and the codec keyword flags to a verb's parser."""
     if multiple:
@@ -72,18 +139,15 @@ def codec_from_args(args: argparse.Namespace, name: str | None = None):
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="smollm2-135m (embedded default), a local Hugging Face folder, a .gguf file, "
-        "or synthetic:NAME",
-    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fc-edge", description="Split LLM inference with activation compression."
+        prog="fc-edge", description="Split LLM inference with activation compression.",
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"fc-edge {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for mod_name in VERB_MODULES:
         try:
@@ -91,9 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError as e:
             if e.name and e.name.startswith("fc_edge"):
                 continue  # verb not built yet
-            raise
+            if missing_extra(e) is None:
+                raise
+            continue  # its verbs need an extra that is not installed; `main` says which
         mod.add_parser(sub)
+    for verb_parser in sub.choices.values():
+        verb_parser.formatter_class = HelpFormatter
     return parser
+
+
+def missing_extra(e: ImportError) -> str | None:
+    """The one-line message for an optional package that is not installed, or None when ``e``
+    is not about one."""
+    name = (getattr(e, "name", None) or "").split(".")[0]
+    if name not in EXTRAS:
+        return None
+    return (f"this needs the {name} package, which is not installed: "
+            f"pip install 'fc-edge[{EXTRAS[name]}]'")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,6 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = args.func(args)
     except FcEdgeError as e:
         print(f"fc-edge {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        message = missing_extra(e)
+        if message is None:
+            raise
+        print(f"fc-edge {args.verb}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fc-edge {args.verb}: interrupted", file=sys.stderr)
