@@ -18,16 +18,16 @@ from fc_edge import __version__
 from fc_edge.errors import ConfigError, FcEdgeError
 from fc_edge.models.defaults import DEFAULT_CODEC, DEFAULT_MODEL
 
-# verb modules, imported lazily so `fc-edge --help` stays fast and a missing optional
-# dependency only breaks its own verb.
-VERB_MODULES = [
-    "fc_edge.runtime.commands",  # serve, generate, demo
-    "fc_edge.profile.commands",  # profile
-    "fc_edge.analysis.commands",  # analyze
-    "fc_edge.eval.commands",  # eval
-    "fc_edge.engine.commands",  # export
-    "fc_edge.codecs.commands",  # bench, codecs
-]
+# verb modules and their verbs; a module that cannot be imported for want of an optional
+# package gets stand-in verbs that say which extra to install.
+VERB_MODULES = {
+    "fc_edge.runtime.commands": ("serve", "generate", "demo"),
+    "fc_edge.profile.commands": ("profile",),
+    "fc_edge.analysis.commands": ("analyze",),
+    "fc_edge.eval.commands": ("eval",),
+    "fc_edge.engine.commands": ("export",),
+    "fc_edge.codecs.commands": ("bench", "codecs"),
+}
 
 # Codec flags: `--codec NAME` plus one flag per codec keyword, named after it.
 CODEC_FLAGS: dict[str, dict[str, Any]] = {
@@ -51,10 +51,10 @@ CODEC_FLAGS: dict[str, dict[str, Any]] = {
 #: Optional packages -> the extra of pyproject.toml that installs them (a missing one is named in
 #: one line, never a traceback).
 EXTRAS = {
-    "onnx": "engine", "onnxruntime": "device", "onnxscript": "engine", "tensorrt": "engine",
+    "onnx": "engine", "onnxruntime": "device", "onnxscript": "engine",
     "matplotlib": "plots", "simpy": "profile", "grpc_tools": "dev", "grpc_health": "server",
     "accelerate": "server", "lm_eval": "eval", "scipy": "eval", "statsmodels": "eval",
-    "ray": "fleet", "cupy": "gpu", "gguf": "gguf", "hypothesis": "dev",
+    "ray": "fleet", "cupy": "gpu",
 }
 MODEL_HELP = (f"{DEFAULT_MODEL} (embedded default), a local Hugging Face folder, a .gguf file, "
               "a hub id ORG/NAME from the local Hugging Face cache, or synthetic:NAME")
@@ -149,19 +149,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fc-edge {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for mod_name in VERB_MODULES:
+    for mod_name, verbs in VERB_MODULES.items():
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as e:
             if e.name and e.name.startswith("fc_edge"):
                 continue  # verb not built yet
-            if missing_extra(e) is None:
+            message = missing_extra(e)
+            if message is None:
                 raise
-            continue  # its verbs need an extra that is not installed; `main` says which
+            for verb in verbs:
+                stub = sub.add_parser(verb, help=f"(not installed: {message})")
+                stub.add_argument("args", nargs=argparse.REMAINDER)
+                stub.set_defaults(func=_refuse(message))
+            continue
         mod.add_parser(sub)
     for verb_parser in sub.choices.values():
         verb_parser.formatter_class = HelpFormatter
     return parser
+
+
+def _refuse(message: str) -> Any:
+    def func(args: argparse.Namespace) -> int:
+        raise ConfigError(message)
+
+    return func
 
 
 def missing_extra(e: ImportError) -> str | None:

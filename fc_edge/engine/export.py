@@ -215,8 +215,10 @@ def export_engine(
             "model_fingerprint": fingerprint,
             "split_layer": split_layer,
             # per-channel weights the `rotated` codec shapes its noise with (from the layers
-            # after the split, which the device does not hold)
-            "channel_weights": [round(float(v), 6) for v in channel_weights(model, split_layer)],
+            # after the split, which the device does not hold); float32 values written exactly
+            # (JSON's shortest round-tripping form), since both ends must register the same
+            # vector
+            "channel_weights": [float(v) for v in channel_weights(model, split_layer)],
             "codec": {"name": DEFAULT_CODEC, "config": get_codec(DEFAULT_CODEC).config()},
             "eos_token_ids": [] if eos is None else
             ([int(eos)] if isinstance(eos, int) else [int(t) for t in eos]),

@@ -214,7 +214,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) \
+            if gguf_has_tokenizer(path) else None
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load the GGUF file {str(path)!r}: {e}") from e
     # The weights are dequantized: a leftover quantization config would make a saved copy
@@ -225,6 +226,13 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     return model.eval(), tokenizer
+
+
+def gguf_has_tokenizer(path: Path) -> bool:
+    """Whether the GGUF file's metadata holds a tokenizer (a file of weights alone does not)."""
+    from gguf import GGUFReader
+
+    return "tokenizer.ggml.tokens" in GGUFReader(path).fields
 
 
 def model_fingerprint(model: Any) -> str:

@@ -75,6 +75,9 @@ _USE_MODEL = object()  # eos_token_id default: the model's own
 
 # codecs whose payload is by design no smaller than float16's (no warning for that)
 _UNCOMPRESSED = ("identity",)
+# parameters a codec clips to the activation's shape, under the same name on the wire
+_CLAMPED = {"fourier": ("k_s", "k_d"), "topk": ("k",), "svd": ("rank",), "qr": ("rank",),
+            "rotated": ("keep",)}
 
 
 class CodecFallbackWarning(UserWarning):
@@ -234,6 +237,8 @@ class DeviceClient:
         except BaseException:
             self.close()
             raise
+        if fingerprint is not None:
+            dh.fingerprint = fingerprint  # what the device claims to hold (tests force others)
         self.device_head = dh
         self.model = model_spec_or_model if _is_model(model_spec_or_model) else None
         if isinstance(model_spec_or_model, tuple):
@@ -453,9 +458,10 @@ class DeviceClient:
         """Warn (or, when ``strict``, raise :class:`BudgetError`) when the codec clamped a
         configured parameter for this shape, or sent no fewer bytes than float16 would."""
         config = self.codec.config()
-        for key, sent in enc.params.items():
-            want = config.get(key)
-            if isinstance(want, int) and not isinstance(want, bool) and want != sent:
+        for key in _CLAMPED.get(self.codec.name, ()):
+            want, sent = config.get(key), enc.params.get(key)
+            if isinstance(want, int) and not isinstance(want, bool) and sent is not None \
+                    and want != sent:
                 self._problem(("clamp", key, rows == 1),
                               f"{self.codec_label}: {key}={want} is clamped to {sent} for a "
                               f"({rows}, {width}) step (the activation's shape allows no more)")
