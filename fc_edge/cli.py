@@ -87,9 +87,11 @@ def check_address(target: str) -> str:
     """``target`` when it is ``HOST:PORT`` with a port in 1..65535 (``[v6]:PORT`` for IPv6), or a
     gRPC target with a scheme (``dns:///NAME:PORT``, ``ipv4:...``, ``unix:...``), which gRPC
     checks itself. :class:`ConfigError` otherwise (a missing port would go to :443)."""
+    from fc_edge.runtime.client import GRPC_SCHEMES
+
     target = target.strip()
-    if re.match(r"^[a-z0-9+.-]+:(//|[^/0-9])", target) and not re.match(r"^[^:]+:\d+$", target):
-        return target  # a scheme
+    if target.startswith(GRPC_SCHEMES):
+        return target
     m = re.match(r"^(\[[0-9a-fA-F:.]+\]|[^:\[\]\s]+):(\d+)$", target)
     if not m:
         raise ConfigError(f"server address {target!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
@@ -151,19 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for mod_name, verbs in VERB_MODULES.items():
         try:
-            mod = importlib.import_module(mod_name)
+            importlib.import_module(mod_name).add_parser(sub)
         except ImportError as e:
             if e.name and e.name.startswith("fc_edge"):
                 continue  # verb not built yet
             message = missing_extra(e)
             if message is None:
                 raise
+            # a verb whose module (or its parser) needs a package that is not installed: a
+            # stand-in that says which extra to install, instead of a CLI that does not start
             for verb in verbs:
+                sub.choices.pop(verb, None)
+                sub._choices_actions = [a for a in sub._choices_actions if a.dest != verb]
                 stub = sub.add_parser(verb, help=f"(not installed: {message})")
-                stub.add_argument("args", nargs=argparse.REMAINDER)
-                stub.set_defaults(func=_refuse(message))
-            continue
-        mod.add_parser(sub)
+                stub.set_defaults(func=_refuse(message), stand_in=True)
     for verb_parser in sub.choices.values():
         verb_parser.formatter_class = HelpFormatter
     return parser
@@ -188,7 +191,9 @@ def missing_extra(e: ImportError) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "stand_in", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

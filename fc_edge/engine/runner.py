@@ -242,11 +242,14 @@ class EngineBundle(BundleCheckpoint):
         super().__init__(root, label)
         self.backend, self.providers, self.threads = backend, providers, threads
 
-    def load_head(self, layer: int, device: Any = None, dtype: Any = None) -> Any:
-        self.check_split_layer(layer)
+    def check_placement(self, device: Any = None, dtype: Any = None) -> None:
         if device is not None or dtype is not None:
             raise ConfigError(f"the {self.backend} engine runs where its backend does: drop "
                               "--device / --dtype (or run the weights: --engine-backend torch)")
+
+    def load_head(self, layer: int, device: Any = None, dtype: Any = None) -> Any:
+        self.check_split_layer(layer)
+        self.check_placement(device, dtype)
         return EngineHead(self.root, providers=self.providers, manifest=self.manifest,
                           threads=self.threads, backend=self.backend)
 

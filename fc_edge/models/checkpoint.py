@@ -196,6 +196,16 @@ class Checkpoint:
             eos = getattr(self.config, "eos_token_id", None)
         return _ids(eos)
 
+    def check_placement(self, device: Any = None, dtype: Any = None) -> None:
+        """Raise (one line) for a ``device`` or ``dtype`` the head cannot take, before any
+        weight is read."""
+        from fc_edge.devices import resolve_device, resolve_dtype
+
+        if dtype is not None:
+            resolve_dtype(dtype, resolve_device(device))
+        elif device is not None:
+            resolve_device(device)
+
     def load_head(self, layer: int, device: Any = None, dtype: Any = None) -> Any:
         """Our :class:`~fc_edge.models.head.Head` over the embedding and layers[:layer] (float32
         unless ``dtype`` says otherwise; on ``device``, default CPU)."""
@@ -203,6 +213,7 @@ class Checkpoint:
         from fc_edge.models.head import Head
 
         self.check_split_layer(layer)
+        self.check_placement(device, dtype)
         cfg = DecoderConfig.from_hf(self.config, layer)
         place = resolve_device(device)
         precision = resolve_dtype(dtype, place) if dtype is not None else torch.float32

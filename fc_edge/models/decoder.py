@@ -372,7 +372,9 @@ class Attention(nn.Module):
         v = v[:, :, None].expand(b, self.n_kv_heads, groups, t, hd).reshape(b, self.n_heads, t, hd)
         scores = softcap(torch.matmul(q, k.transpose(2, 3)) * self.scale, self.softcap)
         scores = scores.masked_fill(~visible, float("-inf"))
-        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        # in float32, cast first: the same as softmax(dtype=float32) here, and what an exported
+        # float16 graph keeps (the torchscript exporter casts softmax's output, not its input)
+        weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
         return torch.matmul(weights, v)
 
 

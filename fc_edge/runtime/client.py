@@ -88,7 +88,7 @@ class CodecFallbackWarning(UserWarning):
 DEFAULT_MAX_RECOVERIES = 3
 LB_POLICIES = ("pick_first", "round_robin")
 # gRPC target schemes whose target may itself name several addresses (kept whole, not split)
-_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 # what a server that went away looks like when it is not reported as UNAVAILABLE: a stream reset
 # by a dying peer, or Ray Serve's gRPC proxy reporting that the replica's actor died (INTERNAL)
 _GONE_MARKS = ("RST_STREAM", "Stream removed", "Socket closed", "Connection reset",
@@ -109,7 +109,7 @@ def split_servers(address: str | Sequence[str]) -> list[str]:
     (its channel resolves and balances the addresses itself)."""
     if isinstance(address, str):
         text = address.strip()
-        parts = [text] if text.startswith(_SCHEMES) else text.split(",")
+        parts = [text] if text.startswith(GRPC_SCHEMES) else text.split(",")
     else:
         parts = list(address)
     servers = [p.strip() for p in parts if p.strip()]
@@ -299,6 +299,7 @@ class DeviceClient:
         if split_layer is None and hasattr(ckpt, "split_layer"):
             layer = ckpt.split_layer  # a bundle's own
         ckpt.check_split_layer(layer)
+        ckpt.check_placement(device, dtype)
         if not isinstance(ckpt, ModelCheckpoint):
             # weights come from files: make sure a server will take them before reading them
             self.check_servers(ckpt.fingerprint(), layer)
