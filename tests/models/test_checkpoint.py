@@ -103,8 +103,9 @@ def test_a_folder_is_read_head_and_samples_only(wide_llama, monkeypatch):
 
 
 def test_bfloat16_files_give_the_float32_fingerprint(tiny_llama, tmp_path):
-    tiny_llama.to(torch.bfloat16).save_pretrained(tmp_path)
-    tiny_llama.float()
+    import copy
+
+    copy.deepcopy(tiny_llama).to(torch.bfloat16).save_pretrained(tmp_path)  # never in place
     assert open_checkpoint(str(tmp_path)).fingerprint() == \
         model_fingerprint(load_model(str(tmp_path))[0])
 
