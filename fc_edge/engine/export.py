@@ -471,21 +471,6 @@ def _onnx_export(
     so the graph's initializers are the head's own tensors and can be shared; onnxruntime and
     TensorRT fold them when they load the graph.
     """
-    with tempfile.TemporaryDirectory(prefix="fc-edge-onnx-") as tmp:
-        raw = Path(tmp) / path.name
-        _torch_onnx_export(module, args, raw, input_names, output_names, dynamic, exporter)
-        share_weights(raw, path, path.parent / weights)
-
-
-def _torch_onnx_export(
-    module: torch.nn.Module,
-    args: tuple[torch.Tensor, ...],
-    path: Path,
-    input_names: list[str],
-    output_names: list[str],
-    dynamic: dict[str, dict[int, Any]],
-    exporter: str,
-) -> None:
     sink = io.StringIO()
     if exporter == "dynamo":
         shapes: list[Any] = []
@@ -506,17 +491,19 @@ def _torch_onnx_export(
     else:
         raise ConfigError(f"exporter must be dynamo or torchscript, got {exporter!r}")
     with (
+        tempfile.TemporaryDirectory(prefix="fc-edge-onnx-") as tmp,
         torch.no_grad(),
         warnings.catch_warnings(),
         contextlib.redirect_stdout(sink),
         _quiet_torch_logs(),
     ):
         warnings.simplefilter("ignore")
+        raw = Path(tmp) / path.name
         try:
             torch.onnx.export(
                 module,
                 args,
-                str(path),
+                str(raw),
                 input_names=input_names,
                 output_names=output_names,
                 opset_version=OPSET,
@@ -524,6 +511,7 @@ def _torch_onnx_export(
             )
         except Exception as e:  # the exporter raises many types; name the graph and the cause
             raise ExportError(f"torch.onnx.export of {path.name} failed: {e}") from e
+        share_weights(raw, path, path.parent / weights)
 
 
 @contextlib.contextmanager

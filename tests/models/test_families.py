@@ -100,15 +100,9 @@ def test_head_matches_hidden_states_at_prefill_and_each_decode_step(family_model
 
 
 def test_tail_matches_the_logits(family_model):
-    _, model = family_model
-    ids = torch.randint(0, 256, (13,), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        out = model(ids[None], output_hidden_states=True)
-    _, tail = split(model, 2)
-    ts = tail.start()
-    h = out.hidden_states[2][0]
-    logits = torch.cat([ts.step(h[:9]), ts.step(h[9:10]), ts.step(h[10:])])
-    torch.testing.assert_close(logits, out.logits[0], rtol=1e-5, atol=1e-5)
+    from test_split import assert_tail_matches  # tests/models is on sys.path (rootdir mode)
+
+    assert_tail_matches(family_model[1], layer=2, n=13, seed=3)
 
 
 def test_split_generation_equals_generate(family_model):
