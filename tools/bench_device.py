@@ -14,6 +14,9 @@ child's peak at its parent's resident set when it forks, so the parent must stay
   config and tokenizer classes, the codecs, gRPC, the client), reading no weight;
 * folder: ``fc-edge generate --model FOLDER`` (the head's tensors read by name);
 * bundle (onnxruntime, torch): ``fc-edge generate --engine DIR`` with each backend;
+* folder or bundle (torch), worst case: the same through ``DeviceClient`` with every page of
+  the head's mapped weights read first (a generation touches only the embedding rows of its tokens; a long one
+  with many distinct tokens tends to this);
 * full model: the same generation with the whole model loaded first (``load_model``), as
   ``generate`` did before it read only the head.
 
@@ -47,6 +50,14 @@ BASELINE = (
     "import fc_edge.cli, fc_edge.runtime.commands, fc_edge.runtime.client, "
     "fc_edge.models.checkpoint, fc_edge.codecs"
 )
+WHOLE_HEAD = """
+import sys
+from fc_edge.runtime.client import DeviceClient
+with DeviceClient(sys.argv[2], sys.argv[1], int(sys.argv[3]), "rotated") as client:
+    for p in client.head.parameters():  # every page of the mapped weights resident
+        float(p.float().sum())
+    print(client.generate(sys.argv[4], int(sys.argv[5])).text)
+"""
 FULL_MODEL = """
 import sys
 from fc_edge.models.pretrained import load_model
@@ -151,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
                 *fc_edge, "--engine", str(bundle), "--engine-backend", "onnxruntime", *common],
             "bundle: generate --engine DIR (torch)": [
                 *fc_edge, "--engine", str(bundle), "--engine-backend", "torch", *common],
+            "folder, every head page touched (worst case)": [
+                sys.executable, "-c", WHOLE_HEAD, str(folder), address,
+                str(args.split_layer), args.prompt, str(args.max_new_tokens)],
+            "bundle (torch), every head page touched": [
+                sys.executable, "-c", WHOLE_HEAD, str(bundle), address,
+                str(args.split_layer), args.prompt, str(args.max_new_tokens)],
             "full model loaded (the old generate)": [
                 sys.executable, "-c", FULL_MODEL, str(folder), address,
                 str(args.split_layer), args.prompt, str(args.max_new_tokens)],

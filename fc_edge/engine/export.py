@@ -31,6 +31,7 @@ torch head (:class:`~fc_edge.models.head.HeadSession` for the activation): the e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -223,6 +224,9 @@ def export_engine(
             "eos_token_ids": [] if eos is None else
             ([int(eos)] if isinstance(eos, int) else [int(t) for t in eos]),
             "num_hidden_layers": model.config.num_hidden_layers,
+            # what the head computes, so a device builds it without transformers' config classes
+            "decoder_config": {k: list(v) if isinstance(v, tuple) else v
+                               for k, v in dataclasses.asdict(head.decoder_config).items()},
             "hidden_size": D,
             "num_kv_heads": head.decoder_config.num_kv_heads,
             "head_dim": head.decoder_config.head_dim,

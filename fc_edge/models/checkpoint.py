@@ -206,6 +206,14 @@ class Checkpoint:
         elif device is not None:
             resolve_device(device)
 
+    def decoder_config(self, layer: int) -> DecoderConfig:
+        """What the head's layers[:layer] compute."""
+        return DecoderConfig.from_hf(self.config, layer)
+
+    def hf_config(self) -> Any:
+        """The Hugging Face config the head keeps as ``Head.config`` (None for a bundle)."""
+        return self.config
+
     def load_head(self, layer: int, device: Any = None, dtype: Any = None) -> Any:
         """Our :class:`~fc_edge.models.head.Head` over the embedding and layers[:layer] (float32
         unless ``dtype`` says otherwise; on ``device``, default CPU)."""
@@ -214,18 +222,18 @@ class Checkpoint:
 
         self.check_split_layer(layer)
         self.check_placement(device, dtype)
-        cfg = DecoderConfig.from_hf(self.config, layer)
+        cfg = self.decoder_config(layer)
         place = resolve_device(device)
         precision = resolve_dtype(dtype, place) if dtype is not None else torch.float32
         tensors = self.read(self.head_names(layer))
         state = {name.removeprefix("model."): t for name, t in tensors.items()}
         with torch.device("meta"):
-            head = Head(cfg, self.config)
+            head = Head(cfg, self.hf_config())
         try:
             head.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
-            raise ModelError(f"{self.label}: the head's tensors do not fit the "
-                             f"{self.config.model_type} decoder: {e}") from None
+            raise ModelError(f"{self.label}: the head's tensors do not fit the decoder: "
+                             f"{e}") from None
         head.inv_freq = rope_inv_freq(cfg)
         # a float32 file on the CPU stays memory-mapped (.to is then a no-op); the rotary
         # frequencies stay float32 whatever the weights' dtype, as in transformers
@@ -331,12 +339,14 @@ class SafetensorsCheckpoint(Checkpoint):
     """A Hugging Face folder: ``config.json`` and ``*.safetensors`` (one file, or shards named by
     ``model.safetensors.index.json``)."""
 
-    def __init__(self, root: Path, label: str, weights: Sequence[str] | None = None) -> None:
+    def __init__(self, root: Path, label: str, weights: Sequence[str] | None = None,
+                 read_config: bool = True) -> None:
         self.root, self.label = root, label
         if not (root / "config.json").is_file():
             raise ModelError(f"model folder {str(root)!r} has no config.json: give a Hugging "
                              f"Face model folder, a .gguf file, a bundle or {DEFAULT_MODEL!r}")
-        self.config = _load_config(root, label)
+        if read_config:
+            self.config = _load_config(root, label)
         if weights is None:
             index = root / "model.safetensors.index.json"
             if index.is_file():
@@ -390,14 +400,50 @@ class SafetensorsCheckpoint(Checkpoint):
 class BundleCheckpoint(SafetensorsCheckpoint):
     """A device bundle (``fc-edge export``): the head's weights (:data:`BUNDLE_WEIGHTS`), the
     model's config and tokenizer, and ``manifest.json`` with the fingerprint and channel weights
-    of the full model, which the device cannot compute without it."""
+    of the full model, which the device cannot compute without it. The manifest also carries the
+    head's :class:`~fc_edge.models.decoder.DecoderConfig`, so running a bundle never imports
+    transformers' config classes (about 55 MB of a device's memory); ``config`` is read only when
+    asked for."""
 
     def __init__(self, root: Path, label: str) -> None:
         self.manifest = load_manifest(root)
         weights = self.manifest.get("weights", {}).get("file", BUNDLE_WEIGHTS)
         if not (root / weights).is_file():
             raise ModelError(f"{root / weights} is missing: export the bundle again")
-        super().__init__(root, label, [weights])
+        self._config: Any = None
+        super().__init__(root, label, [weights], read_config="decoder_config" not in self.manifest)
+
+    @property  # type: ignore[override]
+    def config(self) -> Any:
+        if self._config is None:
+            self._config = _load_config(self.root, self.label)
+        return self._config
+
+    @config.setter
+    def config(self, value: Any) -> None:
+        self._config = value
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["num_hidden_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.manifest["hidden_size"])
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: f.shape(name) for name, f in self._file_of.items()}
+
+    def decoder_config(self, layer: int) -> DecoderConfig:
+        self.check_split_layer(layer)
+        fields = self.manifest.get("decoder_config")
+        if fields is None:  # a bundle of an older export
+            return super().decoder_config(layer)
+        return DecoderConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in fields.items()})
+
+    def hf_config(self) -> Any:
+        return self._config
 
     @property
     def split_layer(self) -> int:
@@ -421,6 +467,56 @@ class BundleCheckpoint(SafetensorsCheckpoint):
 
     def eos_token_ids(self) -> list[int]:
         return _ids(self.manifest.get("eos_token_ids"))
+
+    def tokenizer(self) -> Any:
+        """The bundle's ``tokenizer.json`` run by the ``tokenizers`` library itself, which is
+        what transformers' fast tokenizer wraps (the file was written by it at export, post-
+        processor included), without transformers' model-specific machinery (about 70 MB of a
+        device's memory); :class:`BundleTokenizer`. Transformers' own tokenizer where the
+        bundle's configuration asks for more than the file (decode clean-up, another class)."""
+        config_path = self.root / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if (self.root / "tokenizer.json").is_file() \
+                and config.get("tokenizer_class") in BundleTokenizer.CLASSES \
+                and not config.get("clean_up_tokenization_spaces"):
+            return BundleTokenizer(self.root, config)
+        return super().tokenizer()
+
+
+class BundleTokenizer:
+    """A tokenizer.json through ``tokenizers.Tokenizer`` with the few methods the device
+    client calls, answering as transformers' ``TokenizersBackend`` does for the same file:
+    ``tokenizer(text)["input_ids"]`` (the file's post-processor adds the special tokens),
+    ``decode(ids, skip_special_tokens)``, ``eos_token_id``; ``apply_chat_template`` loads
+    transformers' tokenizer on first use (only a chat prompt needs it)."""
+
+    CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+    def __init__(self, folder: Path, config: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        self.folder = folder
+        self.backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        eos = config.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        self.eos_token_id = self.backend.token_to_id(eos) if eos else None
+        template = folder / "chat_template.jinja"
+        self.chat_template = template.read_text() if template.is_file() \
+            else config.get("chat_template")
+        self._full: Any = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.backend.encode(text, add_special_tokens=add_special_tokens).ids}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        if self._full is None:
+            from transformers import AutoTokenizer
+
+            self._full = AutoTokenizer.from_pretrained(self.folder)
+        return self._full.apply_chat_template(*args, **kwargs)
 
 
 def load_manifest(folder: str | Path) -> dict[str, Any]:

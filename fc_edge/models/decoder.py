@@ -200,14 +200,18 @@ def _sliding_windows(config: Any, num_layers: int) -> tuple[int | None, ...]:
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> Tensor:
-    """Rotary inverse frequencies ``(rotary_dim / 2,)`` float32: theta^(-2i/d), then the scaling.
+    """Rotary inverse frequencies ``(rotary_dim / 2,)`` float32 on the CPU: theta^(-2i/d), then
+    the scaling.
 
     llama3: wavelengths longer than ``original_max / low_freq_factor`` are stretched by ``factor``,
     shorter than ``original_max / high_freq_factor`` are kept, and the band between is a linear
     blend in ``original_max / wavelength``. linear: every frequency divided by ``factor``.
     """
     d = cfg.rotary_dim or cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    # on the CPU even inside a meta-device context (where modules are built): arithmetic on meta
+    # tensors loads torch's symbolic-shape machinery, about 50 MB of a device's memory
+    arange = torch.arange(0, d, 2, dtype=torch.int64, device="cpu")
+    inv_freq = 1.0 / (cfg.rope_theta ** (arange.float() / d))
     if cfg.rope_type == "linear":
         return inv_freq / cfg.rope_factor
     if cfg.rope_type == "llama3":

@@ -53,7 +53,11 @@ class Head(nn.Module):
         super().__init__()
         self.decoder_config = cfg
         self.config = hf_config
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # no random init: the weights always come from a checkpoint, and torch's normal_ on the
+        # meta device (where heads are built) loads its symbolic-shape machinery, about 50 MB of
+        # a device's memory
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 

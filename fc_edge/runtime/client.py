@@ -27,6 +27,7 @@ step is timed as phase ``recovered`` (docs/deploy.md, "When a server or replica 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import queue
@@ -237,8 +238,8 @@ class DeviceClient:
         except BaseException:
             self.close()
             raise
-        if fingerprint is not None:
-            dh.fingerprint = fingerprint  # what the device claims to hold (tests force others)
+        if fingerprint is not None:  # what the device claims to hold (tests force others)
+            dh = dataclasses.replace(dh, fingerprint=fingerprint)
         self.device_head = dh
         self.model = model_spec_or_model if _is_model(model_spec_or_model) else None
         if isinstance(model_spec_or_model, tuple):

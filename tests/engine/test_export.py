@@ -253,3 +253,34 @@ def test_cli_engine_mistakes_are_one_line(llama_engine, extra, message, capsys):
                "--prompt", "hi", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and message in err[0], err
+
+
+def test_the_bundle_tokenizer_answers_as_transformers(smollm2_engine):
+    """The device reads the bundle's tokenizer.json with the tokenizers library alone; the
+    oracle is transformers' tokenizer over the same folder: ids of texts with special tokens,
+    unicode and whitespace; the text of random ids, special tokens skipped or kept; the chat
+    prompt; the EOS id."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from fc_edge.models.checkpoint import BundleTokenizer, open_checkpoint
+
+    folder = smollm2_engine.folder
+    ours = open_checkpoint(str(folder)).tokenizer()
+    ref = AutoTokenizer.from_pretrained(folder)
+    assert isinstance(ours, BundleTokenizer) and ours.eos_token_id == ref.eos_token_id
+    for text in ["The capital of France is", "  two spaces\n\ttab", "<|im_start|>user\nhi",
+                 "héllo wörld 東京 🚀", "", "def f(x):\n    return x ** 2"]:
+        assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+    rng = random.Random(0)
+    for _ in range(100):
+        ids = [rng.randrange(ref.vocab_size) for _ in range(rng.randrange(1, 24))]
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == \
+                ref.decode(ids, skip_special_tokens=skip)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                    return_dict=False) == \
+        ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                return_dict=False)
