@@ -15,8 +15,8 @@ child's peak at its parent's resident set when it forks, so the parent must stay
 * folder: ``fc-edge generate --model FOLDER`` (the head's tensors read by name);
 * bundle (onnxruntime, torch): ``fc-edge generate --engine DIR`` with each backend;
 * folder or bundle (torch), worst case: the same through ``DeviceClient`` with every page of
-  the head's mapped weights read first (a generation touches only the embedding rows of its tokens; a long one
-  with many distinct tokens tends to this);
+  the head's mapped weights read first (a generation touches only the embedding rows of its
+  tokens; a long one with many distinct tokens tends to this);
 * full model: the same generation with the whole model loaded first (``load_model``), as
   ``generate`` did before it read only the head.
 
