@@ -20,12 +20,15 @@ qwen3       + RMSNorm of each query and key head before rotary (``q_norm``, ``k_
 gemma2      + norms of (1 + w) computed in float32, a norm after attention and around the MLP,
             the embedding scaled by sqrt(D), attention scores and final logits soft-capped
             (``c tanh(x / c)``), queries scaled by ``query_pre_attn_scalar``, GELU (tanh)
+gemma3_text + Gemma 2's norms, scale and GELU, q/k norms, and a rotary base of its own in the
+            sliding-window layers (``rope_parameters["sliding_attention"]``)
 phi3        + fused ``qkv_proj`` and ``gate_up_proj``, partial rotary embeddings
 ==========  ==================================================================================
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ FAMILIES: dict[str, str] = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
 #: The MLP activations: Hugging Face's names -> the function.
@@ -101,6 +105,8 @@ class DecoderConfig:
     embed_scale: float = 1.0  # the embedding is multiplied by this (Gemma: sqrt(D))
     fused_qkv: bool = False  # Phi-3: one qkv_proj, split q | k | v
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj, split gate | up
+    # Gemma 3: the rotary base of the sliding-window layers (default rope), when it differs
+    local_rope_theta: float | None = None
 
     @classmethod
     def from_hf(cls, config: Any, num_layers: int) -> DecoderConfig:
@@ -115,6 +121,13 @@ class DecoderConfig:
             raise ModelError(f"the decoder supports the {', '.join(ACTIVATIONS)} gated MLPs, "
                              f"not {hidden_act!r}")
         rope = dict(getattr(config, "rope_parameters", None) or {})
+        local = None
+        if "full_attention" in rope or "sliding_attention" in rope:  # per layer type (Gemma 3)
+            local = dict(rope.get("sliding_attention") or {})
+            rope = dict(rope.get("full_attention") or {})
+            if local.get("rope_type", "default") != "default":
+                raise ModelError(f"the sliding-window layers' rope {local.get('rope_type')!r} is "
+                                 "not supported by the decoder (default)")
         if not rope:
             rope = dict(getattr(config, "rope_scaling", None) or {})
             rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -134,7 +147,7 @@ class DecoderConfig:
             raise ModelError(f"partial_rotary_factor {partial} leaves {rotary_dim} rotary "
                              f"dimensions of {head_dim}: not supported")
         qwen2 = model_type == "qwen2"
-        gemma = model_type == "gemma2"
+        gemma = model_type in ("gemma2", "gemma3_text")
         windows = _sliding_windows(config, num_layers)
         attention_bias = qwen2 or bool(getattr(config, "attention_bias", False))
         scalar = getattr(config, "query_pre_attn_scalar", None) if gemma else None
@@ -162,7 +175,7 @@ class DecoderConfig:
             sliding_windows=windows,
             hidden_act=hidden_act,
             norm_offset=1.0 if gemma else 0.0,
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
             sandwich_norms=gemma,
             attn_scale=float(scalar) ** -0.5 if scalar else 0.0,
             attn_softcap=_cap(getattr(config, "attn_logit_softcapping", None) if gemma else None),
@@ -171,12 +184,12 @@ class DecoderConfig:
             embed_scale=float(config.hidden_size) ** 0.5 if gemma else 1.0,
             fused_qkv=model_type == "phi3",
             fused_gate_up=model_type == "phi3",
+            local_rope_theta=float(local["rope_theta"]) if local and "rope_theta" in local
+            else None,
         )
 
     def layers_from(self, start: int) -> DecoderConfig:
         """The config of layers[start:] of a stack read with all its layers (the tail's)."""
-        import dataclasses
-
         return dataclasses.replace(self, num_layers=self.num_layers - start,
                                    sliding_windows=self.sliding_windows[start:])
 
@@ -447,12 +460,18 @@ def run_layers(
     slots (slot j = position j; a query at p sees j <= p, and j > p - W in a sliding-window
     layer). Returns the output (B, S, D) in ``x``'s dtype and, when ``collect``, each layer's
     attended keys and values (the export form needs them)."""
-    cos, sin = rotary_cos_sin(inv_freq, position_ids, x.dtype)
+    rotary = {False: rotary_cos_sin(inv_freq, position_ids, x.dtype)}
     windows = cfg.sliding_windows or (None,) * len(layers)
+    if cfg.local_rope_theta is not None:  # Gemma 3: sliding-window layers rotate by their own
+        local = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_type="default",
+                                    rope_factor=1.0)
+        rotary[True] = rotary_cos_sin(rope_inv_freq(local).to(inv_freq.device), position_ids,
+                                      x.dtype)
     visible = attention_masks(position_ids, n_slots, windows)
     keys: list[Tensor] = []
     values: list[Tensor] = []
     for i, layer in enumerate(layers):
+        cos, sin = rotary[cfg.local_rope_theta is not None and windows[i] is not None]
         x, k, v = layer(x, cos, sin, visible[windows[i]], kv_of_layer(i))
         if collect:
             keys.append(k)

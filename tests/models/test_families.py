@@ -20,7 +20,7 @@ COMMON = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "num_hi
 
 
 def _configs() -> dict[str, object]:
-    from transformers import Gemma2Config, MistralConfig, Phi3Config, Qwen3Config
+    from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen3Config
 
     return {
         # a window of 5 in every layer (Mistral applies sliding_window to all layers)
@@ -33,6 +33,16 @@ def _configs() -> dict[str, object]:
         "gemma2": Gemma2Config(**{**COMMON, "tie_word_embeddings": True}, head_dim=16,
                                query_pre_attn_scalar=24, sliding_window=5,
                                attn_logit_softcapping=0.5, final_logit_softcapping=0.2),
+        # q/k norms of (1 + w); sliding layers 0, 1 and 3 with their own rotary base, layer 2
+        # full attention with linear rope scaling
+        "gemma3": Gemma3TextConfig(**{**COMMON, "tie_word_embeddings": True}, head_dim=16,
+                                   query_pre_attn_scalar=24, sliding_window=5,
+                                   sliding_window_pattern=3, final_logit_softcapping=0.2,
+                                   rope_parameters={
+                                       "full_attention": {"rope_type": "linear",
+                                                          "rope_theta": 1e6, "factor": 4.0},
+                                       "sliding_attention": {"rope_type": "default",
+                                                             "rope_theta": 100.0}}),
         # fused qkv / gate_up, half of each head rotating, a window in every layer
         "phi3": Phi3Config(**COMMON, sliding_window=6,
                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -40,7 +50,7 @@ def _configs() -> dict[str, object]:
     }
 
 
-FAMILIES = ["mistral", "qwen3", "gemma2", "phi3"]
+FAMILIES = ["mistral", "qwen3", "gemma2", "gemma3", "phi3"]
 
 
 def build(family: str):
@@ -83,6 +93,9 @@ def test_the_family_is_what_the_decoder_reads(family_model):
         assert cfg.sandwich_norms and cfg.norm_offset == 1.0 and cfg.embed_scale == 8.0
         assert cfg.attn_softcap == 0.5 and cfg.final_softcap == 0.2
         assert cfg.attn_scale == 24 ** -0.5 and cfg.hidden_act == "gelu_pytorch_tanh"
+    if family == "gemma3":
+        assert cfg.qk_norm and cfg.norm_offset == 1.0 and cfg.local_rope_theta == 100.0
+        assert cfg.rope_type == "linear" and cfg.sliding_windows == (5, 5, None, 5)
     if family == "phi3":
         assert cfg.fused_qkv and cfg.fused_gate_up and cfg.rotary_dim == 8
 
