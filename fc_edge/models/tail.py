@@ -30,10 +30,11 @@ from fc_edge.models.decoder import (
     DecoderConfig,
     DecoderLayer,
     KVUpdate,
-    RMSNorm,
     concat_kv,
+    norm,
     rope_inv_freq,
     run_layers,
+    softcap,
 )
 
 #: Positions per KV block.
@@ -144,7 +145,7 @@ class Tail(nn.Module):
         self.config = hf_config
         self.layer = layer
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
@@ -200,7 +201,7 @@ class Tail(nn.Module):
                           n_slots, kv_of_layer)[0]
 
     def _logits(self, h: Tensor) -> Tensor:
-        return self.lm_head(self.norm(h)).float()
+        return softcap(self.lm_head(self.norm(h)), self.decoder_config.final_softcap).float()
 
     def forward(self, activation: Tensor) -> Tensor:
         """activation (B, S, D) at positions 0..S-1, no cache -> logits (B, S, V) float32."""

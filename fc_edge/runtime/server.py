@@ -79,10 +79,12 @@ def load_server_model(model_spec_or_model: Any) -> Any:
 
 
 def default_split_layer(model: Any) -> int:
-    """The split layer used when none is given: after the first decoder layer (the paper's split,
-    the one docs/results.md measures)."""
+    """The split layer used when none is given (:data:`fc_edge.models.defaults.DEFAULT_SPLIT_LAYER`,
+    the device's too)."""
     del model
-    return 1
+    from fc_edge.models.defaults import DEFAULT_SPLIT_LAYER
+
+    return DEFAULT_SPLIT_LAYER
 
 
 class SessionAbort(FcEdgeError):
