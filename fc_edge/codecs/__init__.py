@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fc_edge.codecs import lowrank, quant, sparse, spectral, transform, wire  # noqa: F401  (registers)
+from fc_edge.codecs import klt, lowrank, quant, rotated, sparse, spectral, wire  # noqa: F401  (registers)
 from fc_edge.codecs.base import (
     ALIASES,
     Codec,
@@ -22,18 +22,23 @@ from fc_edge.codecs.base import (
     decode,
     get_codec,
 )
+from fc_edge.codecs.context import ChannelWeights, CodecContext
+from fc_edge.codecs.klt import KLTCodec
 from fc_edge.codecs.lowrank import QRCodec, SVDCodec
 from fc_edge.codecs.quant import IdentityCodec, QuantCodec
+from fc_edge.codecs.rotated import RotatedCodec
 from fc_edge.codecs.sparse import TopKCodec
 from fc_edge.codecs.spectral import FourierCodec
-from fc_edge.codecs.transform import RotatedCodec
 
 
-def roundtrip(codec: Codec, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Encode, pack, unpack and decode ``x``; returns (reconstruction on x's device, bytes)."""
-    data = wire.pack(codec.encode(x))
-    enc = wire.unpack(data)
-    return decode(enc).to(x.device), len(data)
+def roundtrip(codec: Codec, x: torch.Tensor, ctx: CodecContext | None = None
+              ) -> tuple[torch.Tensor, int]:
+    """Encode, pack, unpack and decode ``x``, both ends holding ``ctx`` (default: the codec's
+    bound context); returns (reconstruction on x's device, bytes)."""
+    ctx = codec.context if ctx is None else ctx
+    data = wire.pack(codec.encode(x, ctx))
+    enc = wire.unpack(data, ctx=ctx)
+    return decode(enc, ctx).to(x.device), len(data)
 
 
 def element_ratio(enc: Encoded) -> float:
@@ -55,9 +60,10 @@ class Measurement:
 
 def measure(codec: Codec, x: torch.Tensor) -> Measurement:
     """Packed size and relative error ``||x - x_hat|| / ||x||`` (float64) of ``codec`` on ``x``."""
-    enc = codec.encode(x)
+    ctx = codec.context
+    enc = codec.encode(x, ctx)
     data = wire.pack(enc)
-    x_hat = decode(wire.unpack(data)).to(x.device)
+    x_hat = decode(wire.unpack(data, ctx=ctx), ctx).to(x.device)
     ref = x.double()
     err = float((x_hat.double() - ref).norm() / ref.norm().clamp_min(1e-30))
     raw = x.numel() * x.element_size()
@@ -66,10 +72,13 @@ def measure(codec: Codec, x: torch.Tensor) -> Measurement:
 
 __all__ = [
     "ALIASES",
+    "ChannelWeights",
     "Codec",
+    "CodecContext",
     "Encoded",
     "FourierCodec",
     "IdentityCodec",
+    "KLTCodec",
     "Measurement",
     "QRCodec",
     "QuantCodec",

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from fc_edge.codecs.context import EMPTY, CodecContext, as_context
 from fc_edge.errors import BudgetError, ConfigError, NonFiniteError, WireError
 
 # Activation dtypes a codec accepts, with their one-byte wire codes.
@@ -150,15 +151,19 @@ class Codec(ABC):
     # Ordered (name, struct format) pairs written to the wire header; formats "B", "H" or "I".
     wire_params: ClassVar[tuple[tuple[str, str], ...]] = ()
     row_wise: ClassVar[bool] = True
+    #: What this codec was bound to (:meth:`bind`): both ends' side information.
+    context: CodecContext = EMPTY
 
     @abstractmethod
-    def encode(self, x: torch.Tensor) -> Encoded:
-        """Compress ``x`` of shape ``(S, D)`` or ``(B, S, D)``."""
+    def encode(self, x: torch.Tensor, ctx: CodecContext | None = None) -> Encoded:
+        """Compress ``x`` of shape ``(S, D)`` or ``(B, S, D)``. ``ctx``: this message's context
+        (e.g. the rows' tokens at a decode step); default the bound :attr:`context`."""
 
     @classmethod
     @abstractmethod
-    def decode(cls, enc: Encoded) -> torch.Tensor:
-        """Rebuild the activation: same shape, dtype and device as the encoded tensors."""
+    def decode(cls, enc: Encoded, ctx: CodecContext | None = None) -> torch.Tensor:
+        """Rebuild the activation: same shape, dtype and device as the encoded tensors.
+        ``ctx``: what the receiver holds (:class:`~fc_edge.codecs.context.CodecContext`)."""
 
     @classmethod
     @abstractmethod
@@ -179,7 +184,7 @@ class Codec(ABC):
         )
 
     @classmethod
-    def validate_payload(cls, enc: Encoded) -> None:
+    def validate_payload(cls, enc: Encoded, ctx: CodecContext | None = None) -> None:
         """Check tensor *contents* a decoder relies on (e.g. index ranges); raise WireError.
 
         Called once, by ``wire.unpack``, after every length was checked against the shape.
@@ -209,11 +214,12 @@ class Codec(ABC):
                 return f"{key} = {got}, this configuration sends {want}"
         return None
 
-    def bind(self, weights: torch.Tensor | None) -> Codec:
-        """Give the codec per-channel importance weights ``(D,)`` of the model it serves.
-
-        Most codecs ignore them; ``rotated`` shapes its noise with them. Returns self.
-        """
+    def bind(self, context: CodecContext | torch.Tensor | None) -> Codec:
+        """Bind the codec to the context of the model and split it serves (a
+        :class:`~fc_edge.codecs.context.CodecContext`; a bare ``(D,)`` channel-weight vector is
+        the context holding only that). Most codecs ignore it; ``rotated`` shapes its noise with
+        the channel weights, ``klt`` needs the calibration. Returns self."""
+        self.context = as_context(context)
         return self
 
     # --- helpers shared by the codecs -------------------------------------------------------
@@ -399,6 +405,6 @@ def get_codec(name: str, **kwargs: Any) -> Codec:
     return cls(**kwargs)
 
 
-def decode(enc: Encoded) -> torch.Tensor:
-    """Decode any payload with the codec named in it."""
-    return codec_class(enc.codec).decode(enc)
+def decode(enc: Encoded, ctx: CodecContext | None = None) -> torch.Tensor:
+    """Decode any payload with the codec named in it, given what the receiver holds."""
+    return codec_class(enc.codec).decode(enc, ctx)

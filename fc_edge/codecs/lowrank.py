@@ -37,6 +37,7 @@ from fc_edge.codecs.base import (
     value_dtype_code,
     value_dtype_of,
 )
+from fc_edge.codecs.context import CodecContext
 
 
 class LowRankCodec(Codec):
@@ -88,7 +89,7 @@ class LowRankCodec(Codec):
         """``(B, S, D)`` float32 -> left ``(B, S, r)``, right ``(B, r, D)``."""
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor) -> Encoded:
+    def encode(self, x: torch.Tensor, ctx: CodecContext | None = None) -> Encoded:
         r = self.rank_for(x)
         left, right = self.factorize(as_batched(x.detach()).float(), r)
         vcode = value_dtype_code(self.value_dtype)
@@ -101,7 +102,7 @@ class LowRankCodec(Codec):
         )
 
     @classmethod
-    def decode(cls, enc: Encoded) -> torch.Tensor:
+    def decode(cls, enc: Encoded, ctx: CodecContext | None = None) -> torch.Tensor:
         return restore(enc.tensors["left"].float() @ enc.tensors["right"].float(), enc)
 
     @classmethod

@@ -39,6 +39,7 @@ from fc_edge.codecs.base import (
     value_dtype_code,
     value_dtype_of,
 )
+from fc_edge.codecs.context import CodecContext
 from fc_edge.errors import WireError
 
 
@@ -211,13 +212,13 @@ class IdentityCodec(Codec):
     def __init__(self) -> None:
         pass
 
-    def encode(self, x: torch.Tensor) -> Encoded:
+    def encode(self, x: torch.Tensor, ctx: CodecContext | None = None) -> Encoded:
         check_activation(x)
         code = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}[x.dtype]
         return self._encoded(x, {"value_dtype": code}, x=x.detach().contiguous())
 
     @classmethod
-    def decode(cls, enc: Encoded) -> torch.Tensor:
+    def decode(cls, enc: Encoded, ctx: CodecContext | None = None) -> torch.Tensor:
         return restore(enc.tensors["x"], enc)
 
     def expected_params(self, enc: Encoded) -> dict[str, int]:
@@ -295,7 +296,7 @@ class QuantCodec(Codec):
                 return bits
         raise too_small(self.name, tuple(x.shape), self.ratio, "even 2-bit codes do not fit")
 
-    def encode(self, x: torch.Tensor) -> Encoded:
+    def encode(self, x: torch.Tensor, ctx: CodecContext | None = None) -> Encoded:
         _, _, D = check_activation(x)
         bits = self._bits_for(x, D)
         vcode = value_dtype_code(self.value_dtype)
@@ -309,7 +310,7 @@ class QuantCodec(Codec):
         return self._encoded(x, params, codes=pack_bits(codes, bits), scales=scales)
 
     @classmethod
-    def decode(cls, enc: Encoded) -> torch.Tensor:
+    def decode(cls, enc: Encoded, ctx: CodecContext | None = None) -> torch.Tensor:
         bits, g = enc.params["bits"], enc.params["group_size"]
         if bits == 16:
             return restore(enc.tensors["x"], enc)
@@ -344,7 +345,7 @@ class QuantCodec(Codec):
         return math.prod(enc.shape)  # one code per value
 
     @classmethod
-    def validate_payload(cls, enc: Encoded) -> None:
+    def validate_payload(cls, enc: Encoded, ctx: CodecContext | None = None) -> None:
         bits = enc.params["bits"]
         if bits == 16:
             return

@@ -30,6 +30,7 @@ from fc_edge.codecs.base import (
     value_dtype_code,
     value_dtype_of,
 )
+from fc_edge.codecs.context import CodecContext
 from fc_edge.errors import WireError
 
 
@@ -79,7 +80,7 @@ class TopKCodec(Codec):
             raise too_small(self.name, tuple(x.shape), self.ratio, "not even one value fits")
         return k
 
-    def encode(self, x: torch.Tensor) -> Encoded:
+    def encode(self, x: torch.Tensor, ctx: CodecContext | None = None) -> Encoded:
         k = self.k_for(x)
         flat = as_batched(x.detach()).flatten(1)
         idx = flat.abs().float().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
@@ -88,7 +89,7 @@ class TopKCodec(Codec):
         return self._encoded(x, {"k": k, "value_dtype": vcode}, values=values, indices=idx)
 
     @classmethod
-    def decode(cls, enc: Encoded) -> torch.Tensor:
+    def decode(cls, enc: Encoded, ctx: CodecContext | None = None) -> torch.Tensor:
         S, D = enc.shape[-2:]
         values, idx = enc.tensors["values"], enc.tensors["indices"].long()
         out = torch.zeros(values.shape[0], S * D, dtype=torch.float32, device=values.device)
@@ -108,7 +109,7 @@ class TopKCodec(Codec):
         ]
 
     @classmethod
-    def validate_payload(cls, enc: Encoded) -> None:
+    def validate_payload(cls, enc: Encoded, ctx: CodecContext | None = None) -> None:
         S, D = enc.shape[-2:]
         idx = enc.tensors["indices"]
         if int(idx.max()) >= S * D:

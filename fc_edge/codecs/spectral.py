@@ -46,6 +46,7 @@ from fc_edge.codecs.base import (
     value_dtype_code,
     value_dtype_of,
 )
+from fc_edge.codecs.context import CodecContext
 from fc_edge.errors import NonFiniteError
 from fc_edge.ops import (
     block_rows,
@@ -161,7 +162,7 @@ class FourierCodec(Codec):
         energy = half_spectrum_power(as_batched(x)) if self.geometry == "energy" else None
         return block_geometry(S, D, max_coefs, self.geometry, energy)
 
-    def encode(self, x: torch.Tensor) -> Encoded:
+    def encode(self, x: torch.Tensor, ctx: CodecContext | None = None) -> Encoded:
         k_s, k_d = self.geometry_for(x)
         xb = as_batched(x.detach())
         block = spectral_compress(xb, k_s, k_d)  # (B, R, k_d, 2) float32
@@ -180,7 +181,7 @@ class FourierCodec(Codec):
         )
 
     @classmethod
-    def decode(cls, enc: Encoded) -> torch.Tensor:
+    def decode(cls, enc: Encoded, ctx: CodecContext | None = None) -> torch.Tensor:
         S, D = enc.shape[-2:]
         block = enc.tensors["coefs"].float() * enc.tensors["scale"].float().view(-1, 1, 1, 1)
         return restore(spectral_decompress(block, S, D, enc.params["k_s"]), enc)

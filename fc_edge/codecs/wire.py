@@ -36,6 +36,7 @@ from fc_edge.codecs.base import (
     codec_by_wire_id,
     codec_class,
 )
+from fc_edge.codecs.context import CodecContext
 from fc_edge.errors import ConfigError, WireError
 
 MAGIC = b"FC"
@@ -75,11 +76,14 @@ def pack(enc: Encoded) -> bytes:
     return out + struct.pack("<I", zlib.crc32(out))
 
 
-def unpack(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Encoded:
+def unpack(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES,
+           ctx: CodecContext | None = None) -> Encoded:
     """Parse and validate a payload; tensors land on the CPU.
 
     ``max_bytes`` caps both the declared body and the activation the payload decodes to,
     counted at float32 (4 bytes per element, what decoding works in) even for a 16-bit dtype.
+    ``ctx``: what this receiver holds (channel weights, calibration, the rows' tokens); a
+    payload that needs what it lacks is a WireError.
     """
     buf = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
     n = len(buf)
@@ -138,7 +142,7 @@ def unpack(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
         if t.is_floating_point() and not all_finite(t):
             raise WireError(f"{cls.name} payload tensor {s.name} holds NaN or Inf")
     enc = Encoded(cls.name, params, tuple(shape), dtype, tensors)
-    cls.validate_payload(enc)
+    cls.validate_payload(enc, ctx)
     return enc
 
 

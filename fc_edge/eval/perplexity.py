@@ -69,7 +69,7 @@ def send_decode_row(setting: CodecSetting, row: Tensor, token_id: int, traffic: 
     """One decode step's message: ``row`` (1, D), the activation of token ``token_id`` (the
     token the server sampled the step before, so both ends know it), through the codec;
     counted in ``traffic``. Returns the reconstruction (1, D)."""
-    x_hat, nbytes, fell_back = setting.send(row)
+    x_hat, nbytes, fell_back = setting.send(row, torch.tensor([token_id]))
     traffic.add(nbytes, row.numel() * 4, relative_error(row, x_hat), fell_back)
     return x_hat
 

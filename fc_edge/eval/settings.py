@@ -102,7 +102,7 @@ class CodecSetting:
 
             bind_codec(self.codec, model, layer)
 
-    def send(self, x: Tensor) -> tuple[Tensor, int, bool]:
+    def send(self, x: Tensor, tokens: Tensor | None = None) -> tuple[Tensor, int, bool]:
         """One (S, D) activation through encode -> wire bytes -> decode.
 
         Returns (reconstruction, bytes on the wire, fell_back). A codec that cannot meet its
@@ -115,12 +115,14 @@ class CodecSetting:
             return x, raw, False
         from fc_edge.codecs import decode, wire
 
+        # both ends hold the codec's context; ``tokens`` (decode steps) are the rows' token ids
+        ctx = self.codec.context if tokens is None else self.codec.context.with_tokens(tokens)
         try:
-            data = wire.pack(self.codec.encode(x))
+            data = wire.pack(self.codec.encode(x, ctx))
         except BudgetError:
             data = wire.pack(_fallback().encode(x))
             return decode(wire.unpack(data)).to(x.device, x.dtype), len(data), True
-        return decode(wire.unpack(data)).to(x.device, x.dtype), len(data), False
+        return decode(wire.unpack(data, ctx=ctx), ctx).to(x.device, x.dtype), len(data), False
 
 
 def _fallback() -> Any:

@@ -50,7 +50,7 @@ def generate_split(
     for _ in range(max_new_tokens):
         a = hs.step(step_ids)
         if codec is not None:
-            a = decode(codec.encode(a))
+            a = decode(codec.encode(a), codec.context)  # both ends hold the bound context
         token = int(ts.step(a)[-1].argmax())
         out.append(token)
         if token in stop:

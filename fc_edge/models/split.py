@@ -77,5 +77,8 @@ def channel_weights(model, layer: int) -> torch.Tensor:
 
 
 def bind_codec(codec, model, layer: int):
-    """Bind ``codec`` to the model it serves (channel weights for noise shaping); returns it."""
-    return codec.bind(channel_weights(model, layer))
+    """Bind ``codec`` to the codec context of the model and split it serves (channel weights,
+    the codec's calibration artifact if it names one); returns it."""
+    from fc_edge.codecs.calibration import model_context
+
+    return codec.bind(model_context(model, layer, getattr(codec, "calibration", None)))

@@ -42,7 +42,6 @@ import grpc
 import torch
 
 from fc_edge.codecs import decode, get_codec, wire
-from fc_edge.codecs.transform import channel_weights_scope
 from fc_edge.devices import dtype_name, resolve_device, resolve_dtype
 from fc_edge.errors import ConfigError, FcEdgeError, ModelError, WireError
 from fc_edge.models.tail import CacheFullError, Tail
@@ -140,7 +139,7 @@ class EdgeService:
         kv_cache_tokens: int | None = None,
     ) -> None:
         from fc_edge.models.pretrained import model_fingerprint
-        from fc_edge.models.split import channel_weights, check_split
+        from fc_edge.models.split import check_split
 
         for name, value in (("max_sessions", max_sessions), ("max_seq_len", max_seq_len),
                             ("max_streams", max_streams)):
@@ -170,13 +169,11 @@ class EdgeService:
         self.idle_timeout_s = idle_timeout_s
         self.open_timeout_s = open_timeout_s
         self.max_streams = max_streams
-        from fc_edge.codecs.transform import ChannelWeights
+        from fc_edge.codecs.calibration import model_context
 
-        # this model and split's noise-shaping vector, in a registry of the server's own (not
-        # the process's): binding session codecs and decoding payloads use it
-        self.channel_weights = channel_weights(model, split_layer)
-        self.weights = ChannelWeights()
-        self.weights.register(self.channel_weights)
+        # this model and split's codec context (its channel weights, ...): session codecs are
+        # bound to it and payloads unpacked and decoded with it, never with global state
+        self.codec_context = model_context(model, split_layer)
         tail = Tail.from_hf(model, split_layer, device=self.device, dtype=self.dtype)
         block = 16
         # default: room for max_sessions sessions of max_seq_len positions, block-rounded
@@ -347,8 +344,7 @@ class EdgeService:
             config = json.loads(req.codec.config_json or "{}")
             if not isinstance(config, dict):
                 raise ConfigError("codec config_json must be a JSON object")
-            with channel_weights_scope(self.weights):
-                codec = get_codec(req.codec.name, **config).bind(self.channel_weights)
+            codec = get_codec(req.codec.name, **config).bind(self.codec_context)
             fallback = get_codec(FALLBACK_CODEC)
         except (ConfigError, ValueError, TypeError) as e:
             raise SessionAbort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -438,37 +434,37 @@ class EdgeService:
         """Parse, check and decode one payload (on a worker thread): (S, D) activation, codec
         name, unpack and decode seconds."""
         t0 = time.perf_counter()
-        with channel_weights_scope(self.weights):
-            try:
-                enc = wire.unpack(payload, max_bytes=self.max_payload_bytes)
-            except WireError as e:
-                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"bad activation payload: {e}") from None
-            if all(c.name != enc.codec for c in session.codecs):
-                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"payload codec {enc.codec!r} is not this session's codec "
-                                   f"({session.label}, or the {FALLBACK_CODEC} fallback)")
-            reasons = [c.mismatch(enc) for c in session.codecs]
-            if all(reasons):
-                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"the {enc.codec} payload is not of this session's "
-                                   f"configuration: {'; '.join(r for r in reasons if r)}")
-            if len(enc.shape) != 2 or enc.shape[1] != self.hidden_size:
-                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"activation must be (S, {self.hidden_size}), got shape "
-                                   f"{enc.shape}")
-            rows = enc.shape[0]
-            # the engine's position: the session's previous step is done (one in flight)
-            if session.engine.position + rows > session.engine.max_seq_len:
-                raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{rows} more positions exceed the session's "
-                                   f"{session.engine.max_seq_len}")
-            t1 = time.perf_counter()
-            try:  # a payload that decodes to NaN or Inf is a WireError (checked in the codecs)
-                x = decode(enc)
-            except (FcEdgeError, ValueError, RuntimeError) as e:
-                raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"cannot decode the {enc.codec} payload: {e}") from None
+        try:
+            enc = wire.unpack(payload, max_bytes=self.max_payload_bytes,
+                              ctx=self.codec_context)
+        except WireError as e:
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"bad activation payload: {e}") from None
+        if all(c.name != enc.codec for c in session.codecs):
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"payload codec {enc.codec!r} is not this session's codec "
+                               f"({session.label}, or the {FALLBACK_CODEC} fallback)")
+        reasons = [c.mismatch(enc) for c in session.codecs]
+        if all(reasons):
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the {enc.codec} payload is not of this session's "
+                               f"configuration: {'; '.join(r for r in reasons if r)}")
+        if len(enc.shape) != 2 or enc.shape[1] != self.hidden_size:
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"activation must be (S, {self.hidden_size}), got shape "
+                               f"{enc.shape}")
+        rows = enc.shape[0]
+        # the engine's position: the session's previous step is done (one in flight)
+        if session.engine.position + rows > session.engine.max_seq_len:
+            raise SessionAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{rows} more positions exceed the session's "
+                               f"{session.engine.max_seq_len}")
+        t1 = time.perf_counter()
+        try:  # a payload that decodes to NaN or Inf is a WireError (checked in the codecs)
+            x = decode(enc, self.codec_context)
+        except (FcEdgeError, ValueError, RuntimeError) as e:
+            raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"cannot decode the {enc.codec} payload: {e}") from None
         return x, enc.codec, t1 - t0, time.perf_counter() - t1
 
 

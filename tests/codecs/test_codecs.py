@@ -218,7 +218,8 @@ def test_rotated_dct_is_the_dct_ii_definition(D):
 def test_rotated_hadamard_rotates_all_of_any_d(D):
     """Blocks of D's binary expansion: an orthonormal matrix that mixes within each block, for
     every D (an odd D used to get sign flips only), checked against explicit Sylvester blocks."""
-    from fc_edge.codecs.transform import TRANSFORMS, hadamard_blocks, rotate, unrotate
+    from fc_edge.codecs.hadamard import hadamard_blocks
+    from fc_edge.codecs.transform import TRANSFORMS, rotate, unrotate
 
     assert sum(hadamard_blocks(D)) == D
     x = torch.randn(3, D)
@@ -301,7 +302,7 @@ def test_cuda_device_preserved_and_equal_to_cpu(name, kw, max_err):
 def test_hadamard_signs_follow_splitmix64():
     """The signs a non-Python receiver must derive: splitmix64's published first output for
     seed 0 is 0xE220A8397B1DCDAF (odd, so sign -1)."""
-    from fc_edge.codecs.transform import hadamard_signs
+    from fc_edge.codecs.hadamard import hadamard_signs
 
     mask = (1 << 64) - 1
 
@@ -318,8 +319,6 @@ def test_hadamard_signs_follow_splitmix64():
 
 
 def test_rotated_shaping_moves_noise_to_low_weight_channels():
-    from fc_edge.codecs.transform import register_channel_weights  # noqa: F401
-
     x = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
     w = torch.ones(128)
     w[:64] = 4.0  # the first half matters 4x more
@@ -335,22 +334,24 @@ def test_rotated_shaping_moves_noise_to_low_weight_channels():
 
 
 def test_rotated_shaped_payload_needs_the_same_weights():
-    from fc_edge.codecs.transform import ChannelWeights, channel_weights_scope
+    from fc_edge.codecs import CodecContext
+    from fc_edge.codecs.context import ChannelWeights
 
     x = torch.randn(4, 96)
     w = torch.linspace(0.5, 2.0, 96)
-    data = wire.pack(get_codec("rotated").bind(w).encode(x))
-    assert (decode(wire.unpack(data)) - x).norm() / x.norm() < 0.3  # 96-value rows, ~3.3 bits
-    # a receiver whose registry lacks the vector (another model's server) refuses the payload
-    with channel_weights_scope(ChannelWeights()), pytest.raises(WireError,
-                                                                 match="channel weights"):
-        wire.unpack(data)
-    # a registry of its own with the same vector decodes it as the process's registry does
-    shaped = decode(wire.unpack(data))
-    other = ChannelWeights()
-    other.register(w)
-    with channel_weights_scope(other):
-        assert torch.equal(decode(wire.unpack(data)), shaped)
+    ctx = CodecContext(weights=ChannelWeights.of(w))
+    data = wire.pack(get_codec("rotated").bind(ctx).encode(x))
+    shaped = decode(wire.unpack(data, ctx=ctx), ctx)
+    assert (shaped - x).norm() / x.norm() < 0.3  # 96-value rows, ~3.3 bits
+    # a receiver without the vector, or holding another model's, refuses the payload
+    for other in (None, CodecContext(weights=ChannelWeights.of(w.flip(0)))):
+        with pytest.raises(WireError, match="channel weights"):
+            wire.unpack(data, ctx=other)
+        with pytest.raises(WireError, match="channel weights"):  # decode checks it too
+            decode(get_codec("rotated").bind(ctx).encode(x), other)
+    # a context of its own with the same vector (another process) decodes it identically
+    again = CodecContext(weights=ChannelWeights.of(w.clone()))
+    assert torch.equal(decode(wire.unpack(data, ctx=again), again), shaped)
     with pytest.raises(ConfigError):
         get_codec("rotated").bind(torch.zeros(96))
     assert get_codec("rotated", shaping="none").bind(w).weights_id == 0
@@ -455,7 +456,7 @@ def test_eight_bit_code_255_is_refused(name, kw):
 
 def test_rate_control_search_finds_the_largest_fitting_step():
     """The probe-and-walk search equals a linear scan for every edge and every starting guess."""
-    from fc_edge.codecs.transform import largest_fitting
+    from fc_edge.codecs.rate import largest_fitting
 
     for top in (0, 1, 5, 128):
         for edge in range(-1, top + 1):
@@ -475,7 +476,7 @@ def test_rotated_step_is_the_finest_that_fits():
     """The step rate control picks fits the cap and the next finer one would not: checked by
     repacking the same rows at step + 1 with fc_edge's own quantizer, sizes from the layout."""
     from fc_edge.codecs import entropy
-    from fc_edge.codecs.transform import dct
+    from fc_edge.codecs.dct import dct
 
     for shape in [(1, 576), (16, 576), (3, 100)]:
         x = smooth(shape, seed=7)

@@ -204,7 +204,7 @@ def test_each_payload_is_decoded_once(monkeypatch, name, kw, shape):
     """unpack validates by decoding the codes; decode reuses them instead of decoding again."""
     import torch
 
-    from fc_edge.codecs import decode, entropy, get_codec, quant, transform, wire
+    from fc_edge.codecs import decode, entropy, get_codec, quant, rotated, wire
 
     calls = []
 
@@ -217,9 +217,9 @@ def test_each_payload_is_decoded_once(monkeypatch, name, kw, shape):
 
     monkeypatch.setattr(entropy, "decode_rows", counting(entropy.decode_rows))
     unpack_bits = counting(quant.unpack_bits)
-    for mod in (quant, transform):
+    for mod in (quant, rotated):
         monkeypatch.setattr(mod, "unpack_bits", unpack_bits)
-    monkeypatch.setattr(transform, "inflate", counting(transform.inflate))
+    monkeypatch.setattr(rotated, "inflate", counting(rotated.inflate))
     data = wire.pack(get_codec(name, **kw).encode(torch.randn(shape)))
     calls.clear()
     decode(wire.unpack(data))

@@ -18,18 +18,19 @@ from fc_edge.codecs.base import header_bytes
 from fc_edge.errors import WireError
 
 
-def _load_reference():
-    """tests/codecs/wire_reference.py (the test folders are not packages)."""
+def _load_reference(name: str = "wire_reference.py"):
+    """A module of tests/codecs (the test folders are not packages)."""
     import importlib.util
 
-    path = Path(__file__).parent / "wire_reference.py"
-    spec = importlib.util.spec_from_file_location("wire_reference", path)
+    path = Path(__file__).parent / name
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 wire_reference = _load_reference()
+klt_cases = _load_reference("klt_cases.py")
 
 CODECS = [
     ("identity", {}),
@@ -210,9 +211,18 @@ VECTOR_INPUTS = {
 
 
 def test_every_codec_has_a_documented_vector():
-    names = {wire_reference.decode(data)[0] for _, _, data, _ in VECTORS}
-    assert names == {"identity", "fourier", "topk", "svd", "qr", "quant", "rotated"}
-    assert len(VECTORS) >= 11
+    names = {wire_reference.decode(data, _klt_arrays(call))[0] for call, _, data, _ in VECTORS}
+    assert names == {"identity", "fourier", "topk", "svd", "qr", "quant", "rotated", "klt"}
+    assert len(VECTORS) >= 13
+
+
+def _klt_tokens(call: str) -> list[int] | None:
+    return klt_cases.TOKENS if 'predict="token"' in call else None
+
+
+def _klt_arrays(call: str) -> dict | None:
+    """What a klt vector's receiver holds (the document's K4), for the second reader."""
+    return klt_cases.k4_arrays(_klt_tokens(call)) if '"klt"' in call else None
 
 
 @pytest.mark.parametrize("call,inp,data,values", VECTORS, ids=[v[0] for v in VECTORS])
@@ -220,14 +230,15 @@ def test_documented_vectors(call, inp, data, values):
     """Both readers (fc_edge and the one written from the document) give the listed values."""
     want = np.array(values)
     tol = 1e-6 * np.abs(want).max()  # the reference's transforms are float64, fc_edge's float32
-    _, ref = wire_reference.decode(data)
+    _, ref = wire_reference.decode(data, _klt_arrays(call))
     assert np.allclose(ref.ravel(), want, rtol=0, atol=tol)
-    ours = decode(wire.unpack(data)).double().numpy().ravel()
+    ctx = klt_cases.k4_context(_klt_tokens(call)) if '"klt"' in call else None
+    ours = decode(wire.unpack(data, ctx=ctx), ctx).double().numpy().ravel()
     assert np.allclose(ours, want, rtol=0, atol=tol)
     # the reconstruction is near its input (a vector that decoded to zeros would fail here)
     x = VECTOR_INPUTS[inp].double().numpy().ravel()
     assert np.linalg.norm(ours - x) < 0.8 * np.linalg.norm(x)
-    if "rotated" not in call and "fourier" not in call and "svd" not in call:
+    if not any(name in call for name in ("rotated", "fourier", "svd", "klt")):
         # no transform: encoding the documented input reproduces every byte
         codec = eval(call, {"get_codec": get_codec})  # the call as printed in the document
         assert wire.pack(codec.encode(VECTOR_INPUTS[inp])) == data

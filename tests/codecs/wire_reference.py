@@ -26,6 +26,7 @@ PARAMS = {  # codec id -> (name, parameter names in wire order)
         ["transform", "quantizer", "bits", "step", "group_size", "keep", "seed", "entropy",
          "shaping", "code_bytes"],
     ),
+    8: ("klt", ["calibration", "predict", "step", "code_bytes"]),
 }
 VALUE_BYTES = {1: 4, 2: 2, 3: 2}
 
@@ -156,8 +157,80 @@ def hadamard_transform(D: int, seed: int) -> np.ndarray:
     return T * np.array(signs)[None, :]  # T diag(signs)
 
 
-def decode(data: bytes) -> tuple[str, np.ndarray]:
-    """(codec name, activation as float64 of the declared shape, before the final cast)."""
+def klt_table(j: int) -> tuple[int, list[int]]:
+    """(Q, frequencies of q = -Q..Q) of rANS table j, from the document's recipe."""
+    rho = 2.0 ** (j / 16.0)
+    Q = max(1, math.ceil(10 * rho))
+    n = 2 * Q + 1
+
+    def phi(v: float) -> float:
+        return 0.5 * math.erfc(-v / math.sqrt(2.0))
+
+    freqs = []
+    for q in range(-Q, Q + 1):
+        hi = 1.0 if q == Q else phi((q + 0.5) / rho)
+        lo = 0.0 if q == -Q else phi((q - 0.5) / rho)
+        freqs.append(1 + math.floor((hi - lo) * (65536 - n)))
+    freqs[Q] = 0
+    freqs[Q] = 65536 - sum(freqs)
+    return Q, freqs
+
+
+def rans_symbols(stream: bytes, tables: list[int]) -> list[int]:
+    """The document's rANS decoder: one symbol per entry of ``tables`` (table indices)."""
+    x = int.from_bytes(stream[:4], "little")
+    pos, out = 4, []
+    for j in tables:
+        Q, freqs = klt_table(j)
+        s = x % 65536
+        i, cum = 0, 0
+        while s >= cum + freqs[i]:  # the symbol whose interval holds s
+            cum += freqs[i]
+            i += 1
+        f = freqs[i]
+        out.append(i - Q)
+        x = f * (x >> 16) + s - cum
+        while x < 2**23:
+            assert pos < len(stream), "stream ends early"
+            x = (x << 8) | stream[pos]
+            pos += 1
+    assert x == 2**23 and pos == len(stream), "rANS end state"
+    return out
+
+
+def _klt(r: Reader, p: dict[str, int], N: int, D: int, ctx: dict | None) -> np.ndarray:
+    """``ctx``: the calibration tensors (numpy, by the document's names) plus ``features`` and
+    ``embedding`` (V, D) tables and ``tokens`` (N,) for a prediction."""
+    assert ctx is not None, "klt needs the calibration"
+    gains = r.uints(1, N)
+    stream = r.take(p["code_bytes"])
+    mode = "decode" if p["predict"] else "prefill"
+    P = np.asarray(ctx[f"{mode}_basis"], dtype=np.float64)
+    e = np.asarray(ctx[f"{mode}_log_std"], dtype=np.int64)
+    j = e + p["step"] - 64
+    K = int((j >= -64).sum())
+    assert (j[:K] <= 112).all(), "step beyond the tables"
+    q = np.array(rans_symbols(stream, [int(v) for v in j[:K]] * N), dtype=np.float64)
+    alpha = np.float32(2.0 ** ((64 - p["step"]) / 16.0))
+    x = np.zeros((N, D))
+    for i in range(N):
+        y = np.zeros(D)
+        y[:K] = [np.float32(np.float32(v) * alpha) for v in q[i * K:(i + 1) * K]]
+        if p["predict"]:
+            t = ctx["tokens"][i]
+            base = (np.asarray(ctx["predictor_features"], np.float64) @ ctx["features"][t]
+                    + np.asarray(ctx["predictor_embedding"], np.float64) @ ctx["embedding"][t]
+                    + ctx["predictor_bias"])
+        else:
+            base = np.asarray(ctx["mean"], np.float64)
+        g = 2.0 ** ((int(gains[i]) - 128) / 16.0)
+        x[i] = base + (P.T @ y) * g / np.asarray(ctx["weights"], np.float64)
+    return x
+
+
+def decode(data: bytes, klt_context: dict | None = None) -> tuple[str, np.ndarray]:
+    """(codec name, activation as float64 of the declared shape, before the final cast);
+    ``klt_context``: what a ``klt`` receiver holds (see :func:`_klt`)."""
     assert struct.unpack("<I", data[-4:])[0] == zlib.crc32(data[:-4]), "CRC"
     r = Reader(data[:-4])
     assert r.take(2) == b"FC" and r.take(1)[0] == 2, "magic/version"
@@ -202,6 +275,8 @@ def decode(data: bytes) -> tuple[str, np.ndarray]:
         left = r.floats(p["value_dtype"], B * S * p["rank"]).reshape(B, S, -1)
         right = r.floats(p["value_dtype"], B * p["rank"] * D).reshape(B, -1, D)
         x = left @ right
+    elif name == "klt":
+        x = _klt(r, p, N, D, klt_context)
     else:
         x = _rotated(r, p, N, D)
     assert r.pos == len(data) - 4, "body not consumed"

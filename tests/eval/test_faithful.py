@@ -52,7 +52,8 @@ def test_split_head_codec_tail_scores_equal_eval(sample):
             ids = torch.tensor(seq)
             with torch.inference_mode():
                 a = head.start(len(seq)).step(ids)
-                a_hat = decode(wire.unpack(wire.pack(setting.codec.encode(a))))
+                ctx = setting.codec.context  # what both ends of the model hold
+                a_hat = decode(wire.unpack(wire.pack(setting.codec.encode(a)), ctx=ctx), ctx)
                 logits = tail.start().step(a_hat).double()
             lp = torch.log_softmax(logits, -1)
             runtime_ll.append(float(sum(lp[t - 1, seq[t]] for t in range(start, len(seq)))))

@@ -266,7 +266,6 @@ def test_two_models_in_one_process_keep_their_own_channel_weights(tiny_llama, ti
     """Each server decodes shaped `rotated` payloads with its own model's vector; a payload
     shaped for the other model is refused, not decoded with the wrong weights."""
     from fc_edge.codecs import get_codec
-    from fc_edge.codecs.transform import ChannelWeights, channel_weights_scope
     from fc_edge.models.split import channel_weights
 
     with start_server(tiny_llama, LAYER, port=0) as a, start_server(tiny_qwen2, LAYER,
@@ -275,9 +274,8 @@ def test_two_models_in_one_process_keep_their_own_channel_weights(tiny_llama, ti
             with DeviceClient(handle.address, model, LAYER, "rotated") as client:
                 got = client.generate(torch.arange(1, 9), 6, eos_token_id=None)
             assert len(got.token_ids) == 6 and got.steps[0].codec == "rotated"  # prefill
-        with channel_weights_scope(ChannelWeights()):  # as a device of the llama would
-            codec = get_codec("rotated").bind(channel_weights(tiny_llama, LAYER))
-            payload = wire.pack(codec.encode(torch.randn(4, 64)))
+        codec = get_codec("rotated").bind(channel_weights(tiny_llama, LAYER))  # a llama device
+        payload = wire.pack(codec.encode(torch.randn(4, 64)))
         err = session_with(b, [
             open_frame(b.fingerprint, "rotated", json.dumps(get_codec("rotated").config())),
             pb2.ClientFrame(activation=pb2.Activation(step=0, payload=payload))])
