@@ -492,6 +492,7 @@ class BatchEngine:
                     outcome = outcomes.get(s, EngineError("the step was lost"))
                     if isinstance(outcome, BaseException):
                         s.step = None
+                        s.length -= step.x.shape[0] - step.done_rows  # never processed
                         resolved.append((step.future, outcome))
                     else:
                         s.position += p.rows

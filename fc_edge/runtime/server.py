@@ -298,7 +298,7 @@ class EdgeService:
         self._peer_streams: Counter[str] = Counter()
         self._peer_sessions: Counter[str] = Counter()
         self.draining = False
-        self._drain_deadline: float | None = None
+        self._drain_cut = False
         self._failure_callbacks: list[Callable[[BaseException], Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.engine.on_death(self._engine_died)
@@ -397,8 +397,8 @@ class EdgeService:
         :meth:`end_drain`), then end them with UNAVAILABLE; stop the engine."""
         self.draining = True
         loop = asyncio.get_running_loop()
-        self._drain_deadline = loop.time() + max(0.0, drain_s)
-        while self._sessions and loop.time() < self._drain_deadline:
+        deadline = loop.time() + max(0.0, drain_s)
+        while self._sessions and not self._drain_cut and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for s in list(self._sessions.values()):
             s.end(grpc.StatusCode.UNAVAILABLE,
@@ -415,7 +415,7 @@ class EdgeService:
     def end_drain(self) -> None:
         """Cut a drain in progress short (a second SIGTERM): open sessions end now."""
         self.draining = True
-        self._drain_deadline = 0.0
+        self._drain_cut = True
 
     def _engine_died(self, error: BaseException) -> None:
         """From the engine thread: every session ends, health and the process follow."""
