@@ -95,8 +95,10 @@ def sample_batch(logits: Tensor, samplers: Sequence[Sampler]) -> list[int | None
         raise ValueError(f"{b} rows of logits for {len(samplers)} samplers")
     if b == 0:
         return []
-    finite = torch.isfinite(logits).all(dim=1)
-    tokens = torch.argmax(logits, dim=1)
+    # a row is finite iff its max and min are (NaN propagates through both); cheaper than
+    # isfinite over the whole row. max's indices: the first maximum, as torch.argmax
+    best, tokens = logits.max(dim=1)
+    finite = torch.isfinite(best) & torch.isfinite(logits.amin(dim=1))
     drawn = [i for i, s in enumerate(samplers) if not s.config.greedy]
     if drawn:
         index = torch.tensor(drawn, device=logits.device)
