@@ -408,7 +408,12 @@ class EdgeService:
         deadline = loop.time() + 1.0
         while self._sessions and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        await loop.run_in_executor(None, self.engine.stop)
+        # a thread of its own, not the loop's executor (closed at interpreter exit, when the
+        # atexit hook stops what is still running)
+        stopper = threading.Thread(target=self.engine.stop, name="fc-edge-engine-stop")
+        stopper.start()
+        while stopper.is_alive():
+            await asyncio.sleep(0.01)
         self._decoder.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
 
@@ -636,9 +641,13 @@ class EdgeService:
                                f"of {self.max_payload_bytes} bytes")
         session.bytes_in += len(act.payload)
         loop = asyncio.get_running_loop()
-        x, codec_name, t_unpack, t_decode = await self._wait(
-            loop.run_in_executor(self._decoder, self._decode_payload, session, act.payload),
-            None, session, "")
+        try:
+            decoding = loop.run_in_executor(self._decoder, self._decode_payload, session,
+                                            act.payload)
+        except RuntimeError:  # the decoder threads are shut down: the server is stopping
+            raise SessionAbort(grpc.StatusCode.UNAVAILABLE,
+                               "the server is shutting down; open the session elsewhere") from None
+        x, codec_name, t_unpack, t_decode = await self._wait(decoding, None, session, "")
         t0 = time.perf_counter()
         try:
             future = self.engine.submit(session.engine, x)

@@ -523,3 +523,57 @@ def test_info_verb(tiny_llama, capsys):
         assert data["hidden_size"] == 64 and data["draining"] is False
         assert main(["info", handle.address]) == 1  # no token: one line, exit 1
         assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+EXIT_MID_GENERATION = """
+import sys, threading, time
+try:
+    import ray  # noqa: F401 - its terminate handler is how the abort showed in `make test`
+except ImportError:
+    pass
+import torch
+from fc_edge.models.pretrained import load_model
+from fc_edge.runtime.client import DeviceClient
+from fc_edge.runtime.server import start_server
+model = load_model("synthetic:tiny-llama")[0]
+handle = start_server(model, 2, port=0)
+def work():
+    with DeviceClient(handle.address, model, 2, "identity") as client:
+        while True:
+            client.generate(torch.arange(1, 30), 50, eos_token_id=None)
+for _ in range(4):
+    threading.Thread(target=work, daemon=True).start()
+time.sleep(1.5)
+sys.exit(0)  # servers still running, generations in flight
+"""
+
+
+def test_exit_with_live_generations_is_clean():
+    """A process that exits while its server streams: exit status 0, nothing on stderr but the
+    sessions' log lines (issue 19's abort at interpreter exit: before the atexit hook, 4 of 12
+    runs of this script died with SIGABRT)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", EXIT_MID_GENERATION], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_exit_hook_stops_servers_and_the_loop(tiny_llama):
+    """What the exit hook does, checked directly: every live server stops (its port closes, its
+    engine stops) and the shared loop's thread ends; the next server gets a new loop."""
+    from fc_edge.runtime import server as server_module
+
+    handle = start_server(tiny_llama, LAYER, port=0)
+    s = Held(handle.address, [open_frame(handle.fingerprint, LAYER, "identity")])
+    assert s.first() == "ready"
+    thread = server_module._LOOP_THREAD
+    assert thread is not None and thread.is_alive()
+    server_module._shutdown()
+    assert not thread.is_alive() and server_module._LOOP is None
+    assert handle.wait(0) and not handle.service.engine.alive()
+    with pytest.raises(grpc.RpcError):
+        next(s.call)
+    s.close()
+    with start_server(tiny_llama, LAYER, port=0) as again:
+        assert again.service.engine.alive()
