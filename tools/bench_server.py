@@ -46,8 +46,9 @@ def start(args: argparse.Namespace, max_batch: int, max_seq_len: int) -> tuple[A
     cmd = [sys.executable, "-m", "fc_edge.cli", "serve", "--model", args.model, "--port", "0",
            "--max-batch", str(max_batch), "--max-seq-len", str(max_seq_len),
            "--max-sessions-per-peer", str(most + 2), "--max-streams-per-peer", str(most + 4),
-           "--device", args.device, "--prefill-chunk", str(args.prefill_chunk),
-           "--dtype", args.dtype, "--log-level", "WARNING"]
+           "--device", args.device, "--dtype", args.dtype, "--log-level", "WARNING"]
+    if args.prefill_chunk is not None:
+        cmd += ["--prefill-chunk", str(args.prefill_chunk)]
     if args.split_layer is not None:
         cmd += ["--split-layer", str(args.split_layer)]
     if args.cuda_graphs:
@@ -255,7 +256,7 @@ def bench_newcomer(args: argparse.Namespace, info: Any, address: str) -> dict:
 
     ttft(args.prompt_len)  # warm-up
     alone = [ttft(args.prompt_len, i) for i in range(args.newcomer_reps)]
-    chunk = [ttft(args.prefill_chunk, i) for i in range(2)]
+    chunk = [ttft(info.prefill_chunk, i) for i in range(2)]
     long_done = threading.Event()
     long_s: list[float] = []
 
@@ -277,7 +278,7 @@ def bench_newcomer(args: argparse.Namespace, info: Any, address: str) -> dict:
     bound = 2 * a + c
     worst = max(beside) if beside else float("nan")
     print(f"newcomer ({args.prompt_len} rows) alone: median {a * 1e3:.0f} ms (n = {len(alone)}); "
-          f"one {args.prefill_chunk}-row chunk: {c * 1e3:.0f} ms; the {args.long_rows}-row "
+          f"one {info.prefill_chunk}-row chunk: {c * 1e3:.0f} ms; the {args.long_rows}-row "
           f"prefill: {long_s[0]:.1f} s")
     print("newcomer beside it: " + ", ".join(f"{t * 1e3:.0f}" for t in beside)
           + f" ms (n = {len(beside)}); worst {worst * 1e3:.0f} ms")
@@ -297,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated numbers of concurrent sessions")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per session")
     p.add_argument("--prompt-len", type=int, default=32, help="prefill rows per session")
-    p.add_argument("--prefill-chunk", type=int, default=256,
-                   help="the servers' --prefill-chunk (prefill rows per engine iteration)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="the servers' --prefill-chunk (prefill rows per engine iteration; "
+                   "default: the server's, 64 on a CPU and 256 on a GPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cuda-graphs", action="store_true", help="serve with --cuda-graphs")

@@ -54,8 +54,9 @@ def add_parser(subparsers: Any) -> None:
                    help="open streams of one client address")
     p.add_argument("--max-batch", type=int, default=32,
                    help="decode steps per batched forward (1: one at a time)")
-    p.add_argument("--prefill-chunk", type=int, default=256,
-                   help="prefill rows per engine iteration, shared by the waiting prefills")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prefill rows per engine iteration, shared by the waiting prefills "
+                   "(default: 64 on a CPU, 256 on a GPU)")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="positions of the paged KV cache (default: 16 x --max-seq-len)")
     p.add_argument("--cuda-graphs", action="store_true",

@@ -59,6 +59,11 @@ DEFAULT_PREFILL_CHUNK = 256
 #: A session without a step waiting for this long (its client is silent or slow) is the first to
 #: lose its KV blocks when the pool runs out.
 IDLE_EVICT_S = 1.0
+#: Before an iteration, wait for the sessions that just got a token to send their next step, up
+#: to this fraction of the last iteration's time and at most MAX_BATCH_WAIT_S (see
+#: BatchEngine._gather_batch).
+BATCH_WAIT = 0.1
+MAX_BATCH_WAIT_S = 0.05
 
 
 class EngineError(FcEdgeError):
@@ -115,6 +120,7 @@ class EngineSession:
     tokens: int = 0
     preemptions: int = 0
     last_active: float = field(default_factory=time.monotonic)
+    expected: bool = True  # a next step will follow its token (the server clears it when done)
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,8 @@ class BatchEngine:
         self._tokens = 0
         self._admitted = 0
         self._fresh: list[int] = []  # blocks handed out by this iteration's plan, to zero
+        self._expected: set[EngineSession] = set()  # sessions whose next step is on its way
+        self._last_iteration_s = 0.0
         self._thread = threading.Thread(target=self._run_loop, name="fc-edge-engine",
                                          daemon=True)
         self._thread.start()
@@ -411,6 +419,7 @@ class BatchEngine:
             with self._cv:
                 while not self._waiting and not self._stopping:
                     self._cv.wait()
+                self._gather_batch()
                 if self._stopping:
                     self._fail_waiting(EngineStopped("the server is shutting down"))
                     return
@@ -427,6 +436,7 @@ class BatchEngine:
             t0 = time.perf_counter()
             outcomes = self._execute(planned)
             seconds = time.perf_counter() - t0
+            self._last_iteration_s = seconds
             self._settle(planned, outcomes, seconds)
             if self.on_iteration is not None:
                 try:
@@ -434,6 +444,25 @@ class BatchEngine:
                                       seconds)
                 except Exception:  # noqa: BLE001 - metrics never stop the engine
                     log.exception("on_iteration failed")
+
+    def _gather_batch(self) -> None:
+        """Under the lock, with a step waiting: give the sessions that just got their token a
+        moment to send their next step, so that a round of decode steps runs as one batch instead
+        of splitting into the early and the late (a forward costs nearly as much for 2 rows as
+        for 16 on a CPU). At most :data:`BATCH_WAIT` of the last iteration's time, and never
+        longer than :data:`MAX_BATCH_WAIT_S`."""
+        if not self._expected:
+            return
+        deadline = time.monotonic() + min(BATCH_WAIT * self._last_iteration_s, MAX_BATCH_WAIT_S)
+        while not self._stopping:
+            self._expected = {s for s in self._expected
+                              if s.step is None and not s.closed and s.expected}
+            waiting = len(self._waiting)
+            left = deadline - time.monotonic()
+            if not self._expected or waiting >= self.max_batch or left <= 0:
+                break
+            self._cv.wait(left)
+        self._expected = set()
 
     def _execute(self, planned: list[_Planned]) -> dict[EngineSession, int | BaseException]:
         """Run ``planned`` as one forward and sample; on a failure, each session alone."""
@@ -504,6 +533,8 @@ class BatchEngine:
                             s.tokens += 1
                             self._tokens += 1
                             s.last_active = time.monotonic()
+                            if s.expected:
+                                self._expected.add(s)  # its next step is on its way
                             resolved.append((step.future, StepResult(
                                 outcome, step.compute_s, decode_rows if p.rows == 1 else 1)))
                         elif not s.closed:
