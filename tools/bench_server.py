@@ -101,22 +101,43 @@ def _sync(device: Any) -> None:
 
 
 # --- 1. load ------------------------------------------------------------------------------------
+#: two-sided 95% Student t quantiles by degrees of freedom (1..10; beyond: 2.0)
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26,
+       10: 2.23}
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval (mean, low, high) of ``values`` (a single value: itself)."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, m, m
+    half = T95.get(len(values) - 1, 2.0) * statistics.stdev(values) / len(values) ** 0.5
+    return m, m - half, m + half
+
+
 def bench_load(args: argparse.Namespace, info: Any, servers: dict[str, str]) -> dict:
     from fc_edge.runtime.loadgen import run_load
 
     for address in servers.values():  # warm-up: first forwards pay one-off costs
         run_load(address, info.model_fingerprint, info.split_layer, info.hidden_size, 2, 4,
                  args.prompt_len)
-    results: dict[str, dict[int, Any]] = {m: {} for m in servers}
-    for n in args.sessions:
-        for mode, address in servers.items():
-            r = run_load(address, info.model_fingerprint, info.split_layer, info.hidden_size,
-                         n, args.tokens, args.prompt_len)
-            results[mode][n] = r
-            print(f"  N={n:<3} {mode:<14} {r.tokens_per_s:8.1f} tok/s  p50 "
-                  f"{r.tpot_p50_s * 1e3:7.1f} ms  p99 {r.tpot_percentile(99) * 1e3:7.1f} ms",
-                  flush=True)
+    # rounds: every N and mode once per round, so a round's ratios share the machine's load
+    runs: dict[str, dict[int, list[Any]]] = {m: {n: [] for n in args.sessions} for m in servers}
+    for r in range(args.repeats):
+        for n in args.sessions:
+            for mode, address in servers.items():
+                res = run_load(address, info.model_fingerprint, info.split_layer,
+                               info.hidden_size, n, args.tokens, args.prompt_len, seed=r)
+                runs[mode][n].append(res)
+                print(f"  round {r + 1} N={n:<3} {mode:<14} {res.tokens_per_s:8.1f} tok/s  p50 "
+                      f"{res.tpot_p50_s * 1e3:7.1f} ms  p99 "
+                      f"{res.tpot_percentile(99) * 1e3:7.1f} ms", flush=True)
+
+    def median(mode: str, n: int, what: str) -> float:
+        return statistics.median(_figure(x, what) for x in runs[mode][n])
+
     print()
+    print(f"medians over {args.repeats} round(s):")
     header = (f"{'N':>3} | {'mode':<14} | {'tok/s':>8} | {'x N=1':>6} | {'p50 ms/tok':>10} | "
               f"{'p99 ms/tok':>10} | {'p99 x N=1':>9}")
     print(header)
@@ -124,34 +145,42 @@ def bench_load(args: argparse.Namespace, info: Any, servers: dict[str, str]) -> 
     base = args.sessions[0]
     for n in args.sessions:
         for mode in servers:
-            r, one = results[mode][n], results[mode][base]
-            print(f"{n:>3} | {mode:<14} | {r.tokens_per_s:8.1f} | "
-                  f"{r.tokens_per_s / one.tokens_per_s:6.2f} | {r.tpot_p50_s * 1e3:10.1f} | "
-                  f"{r.tpot_percentile(99) * 1e3:10.1f} | "
-                  f"{r.tpot_percentile(99) / one.tpot_percentile(99):9.2f}")
+            tps, one = median(mode, n, "tps"), median(mode, base, "tps")
+            p99, one99 = median(mode, n, "p99"), median(mode, base, "p99")
+            print(f"{n:>3} | {mode:<14} | {tps:8.1f} | {tps / one:6.2f} | "
+                  f"{median(mode, n, 'p50') * 1e3:10.1f} | {p99 * 1e3:10.1f} | "
+                  f"{p99 / one99:9.2f}")
         if len(servers) == 2:
-            r, o = results["batched"][n], results["one at a time"][n]
-            print(f"{n:>3} | {'batched / one':<14} | {r.tokens_per_s / o.tokens_per_s:8.2f} |")
-    out: dict = {"rows": {m: {n: {"tokens_per_s": r.tokens_per_s,
-                                  "tpot_p50_s": r.tpot_p50_s,
-                                  "tpot_p99_s": r.tpot_percentile(99)}
-                              for n, r in res.items()} for m, res in results.items()}}
-    targets = ((16, 5.0, 4.0, "CPU"), (32, 20.0, None, "GPU"))
-    for target_n, throughput, p99, where in targets:
-        if target_n not in args.sessions or base != 1:
+            ratio = median("batched", n, "tps") / median("one at a time", n, "tps")
+            print(f"{n:>3} | {'batched / one':<14} | {ratio:8.2f} |")
+    out: dict = {"runs": {m: {n: [{"tokens_per_s": x.tokens_per_s, "tpot_p50_s": x.tpot_p50_s,
+                                   "tpot_p99_s": x.tpot_percentile(99)} for x in xs]
+                              for n, xs in res.items()} for m, res in runs.items()}}
+    if "batched" not in runs or base != 1:
+        return out
+    for target_n, throughput, p99, where in ((16, 5.0, 4.0, "CPU"), (32, 20.0, None, "GPU")):
+        if target_n not in args.sessions:
             continue
-        r, one = results["batched"][target_n], results["batched"][1]
-        got = r.tokens_per_s / one.tokens_per_s
-        line = (f"target ({where}) N={target_n} tokens/s >= {throughput:g}x N=1: {got:.2f}x "
-                f"-> {'met' if got >= throughput else 'not met'}")
-        out[f"n{target_n}_tokens_ratio"] = got
+        pairs = list(zip(runs["batched"][target_n], runs["batched"][1]))
+        ratios = [a.tokens_per_s / b.tokens_per_s for a, b in pairs]
+        m, lo, hi = interval(ratios)
+        line = (f"target ({where}) N={target_n} tokens/s >= {throughput:g}x N=1: {m:.2f}x "
+                f"[95% {lo:.2f}, {hi:.2f}], n = {len(ratios)} rounds -> "
+                f"{'met' if lo >= throughput else 'not met'}")
+        out[f"n{target_n}_tokens_ratio"] = ratios
         if p99 is not None:
-            q = r.tpot_percentile(99) / one.tpot_percentile(99)
-            line += (f"; p99 time per token <= {p99:g}x N=1: {q:.2f}x -> "
-                     f"{'met' if q <= p99 else 'not met'}")
+            q = [a.tpot_percentile(99) / b.tpot_percentile(99) for a, b in pairs]
+            qm, qlo, qhi = interval(q)
+            line += (f"; p99 time per token <= {p99:g}x N=1: {qm:.2f}x [95% {qlo:.2f}, "
+                     f"{qhi:.2f}] -> {'met' if qhi <= p99 else 'not met'}")
             out[f"n{target_n}_p99_ratio"] = q
         print(line)
     return out
+
+
+def _figure(result: Any, what: str) -> float:
+    return {"tps": result.tokens_per_s, "p50": result.tpot_p50_s,
+            "p99": result.tpot_percentile(99)}[what]
 
 
 # --- 2. the step's time split -------------------------------------------------------------------
@@ -282,9 +311,9 @@ def bench_newcomer(args: argparse.Namespace, info: Any, address: str) -> dict:
           f"prefill: {long_s[0]:.1f} s")
     print("newcomer beside it: " + ", ".join(f"{t * 1e3:.0f}" for t in beside)
           + f" ms (n = {len(beside)}); worst {worst * 1e3:.0f} ms")
-    print(f"target: <= 2 x alone + one chunk = {bound * 1e3:.0f} ms -> "
+    print(f"target: every newcomer <= 2 x alone + one chunk = {bound * 1e3:.0f} ms -> "
           f"{'met' if beside and worst <= bound else 'not met'} (worst {worst / bound:.2f}x of "
-          "the bound)")
+          f"the bound, n = {len(beside)})")
     return {"alone_s": alone, "chunk_s": chunk, "long_s": long_s[0], "beside_s": beside,
             "bound_s": bound}
 
@@ -304,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cuda-graphs", action="store_true", help="serve with --cuda-graphs")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="load: rounds of every N and mode (the targets' intervals are over "
+                   "rounds)")
     p.add_argument("--modes", default="batched,one",
                    help="load: 'batched' (--max-batch 32) and/or 'one' (--max-batch 1)")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: "
