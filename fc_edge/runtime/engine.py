@@ -4,8 +4,9 @@ Sessions submit steps (an ``(S, D)`` activation each) from any thread and get a 
 iteration the loop
 
 1. takes the waiting one-row steps (decode steps) of up to ``max_batch`` sessions, oldest
-   first, and shares a budget of ``prefill_chunk`` rows among the waiting prefills in **equal
-   slices** (processor sharing: a newcomer's short prompt is not queued behind a long one);
+   first, and shares the rest of a budget of ``prefill_chunk`` rows (at least a quarter of it)
+   among the waiting prefills in **equal slices** (processor sharing: a newcomer's short prompt
+   is not queued behind a long one);
 2. gives each the KV blocks its new positions need, taken as positions grow (nothing is
    reserved at :meth:`BatchEngine.open`), **preempting** when the pool runs out (below);
 3. runs all of it as **one packed forward** of the tail (decode rows and prefill chunks
@@ -332,12 +333,14 @@ class BatchEngine:
                 prefill.append(s)
         takes = {s: 1 for s in decode}
         if prefill:
-            # equal slices, no smaller than a sixteenth of the budget (a peer sending two-row
+            # the iteration's rows: decode rows first, prefill rows fill the rest of the chunk
+            # (at least a quarter of it, so prefills always progress; Sarathi-Serve's budget)
+            budget = max(self.prefill_chunk - len(decode), self.prefill_chunk // 4, 1)
+            # equal slices, no smaller than a sixteenth of the chunk (a peer sending two-row
             # steps must not throttle a long prompt to two rows per iteration)
-            share = max(1, self.prefill_chunk // len(prefill))
+            share = max(1, budget // len(prefill))
             shortest = min(s.step.x.shape[0] - s.step.done_rows for s in prefill)
             quantum = min(share, max(shortest, self.prefill_chunk // 16, 1))
-            budget = self.prefill_chunk
             for s in prefill:
                 if budget <= 0:
                     break
