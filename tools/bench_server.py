@@ -158,8 +158,9 @@ def bench_load(args: argparse.Namespace, info: Any, servers: dict[str, str]) -> 
                               for n, xs in res.items()} for m, res in runs.items()}}
     if "batched" not in runs or base != 1:
         return out
+    gpu = str(args.device).startswith("cuda")
     for target_n, throughput, p99, where in ((16, 5.0, 4.0, "CPU"), (32, 20.0, None, "GPU")):
-        if target_n not in args.sessions:
+        if target_n not in args.sessions or (where == "GPU") != gpu:
             continue
         pairs = list(zip(runs["batched"][target_n], runs["batched"][1]))
         ratios = [a.tokens_per_s / b.tokens_per_s for a, b in pairs]

@@ -5,8 +5,9 @@ iteration the loop
 
 1. takes the waiting one-row steps (decode steps) of up to ``max_batch`` sessions, oldest
    first, and shares the rest of a budget of ``prefill_chunk`` rows (at least a quarter of it)
-   among the waiting prefills in **equal slices** (processor sharing: a newcomer's short prompt
-   is not queued behind a long one);
+   among the waiting prefills in **equal slices**, newcomers first (a prefill under way keeps a
+   sixteenth of the chunk while a newcomer waits: a short prompt is not queued behind a long
+   one);
 2. gives each the KV blocks its new positions need, taken as positions grow (nothing is
    reserved at :meth:`BatchEngine.open`), **preempting** when the pool runs out (below);
 3. runs all of it as **one packed forward** of the tail (decode rows and prefill chunks
@@ -336,11 +337,23 @@ class BatchEngine:
             # the iteration's rows: decode rows first, prefill rows fill the rest of the chunk
             # (at least a quarter of it, so prefills always progress; Sarathi-Serve's budget)
             budget = max(self.prefill_chunk - len(decode), self.prefill_chunk // 4, 1)
-            # equal slices, no smaller than a sixteenth of the chunk (a peer sending two-row
-            # steps must not throttle a long prompt to two rows per iteration)
+            # no slice is smaller than a sixteenth of the chunk: a peer sending two-row steps
+            # must not throttle a long prompt to two rows per iteration
+            floor = max(1, self.prefill_chunk // 16)
+            fresh = [s for s in prefill if s.step.done_rows == 0]
+            if fresh and len(fresh) < len(prefill):
+                # newcomers beside prefills under way: those under way keep the floor, the
+                # newcomers share the rest (a newcomer's first token then waits for the
+                # iteration under way and one about its own size, not for a long prompt)
+                for s in prefill:
+                    if s not in fresh and budget > 0:
+                        takes[s] = min(floor, s.step.x.shape[0] - s.step.done_rows, budget)
+                        budget -= takes[s]
+                prefill = fresh
+            # equal slices: as many rows as the shortest has left, at most an equal share
             share = max(1, budget // len(prefill))
             shortest = min(s.step.x.shape[0] - s.step.done_rows for s in prefill)
-            quantum = min(share, max(shortest, self.prefill_chunk // 16, 1))
+            quantum = min(share, max(shortest, floor))
             for s in prefill:
                 if budget <= 0:
                     break

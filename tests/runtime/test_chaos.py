@@ -15,6 +15,7 @@ import time
 import grpc
 import pytest
 import torch
+from together import hf_generate  # tests/runtime is on sys.path (pytest rootdir mode)
 
 from fc_edge.codecs import get_codec, wire
 from fc_edge.codecs.base import Encoded
@@ -28,14 +29,6 @@ pytestmark = pytest.mark.slow
 LAYER = 2
 N_HONEST = 8
 TOKENS = 20
-
-
-def reference(model, ids: torch.Tensor, n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=n, pad_token_id=0,
-                             eos_token_id=model.config.vocab_size)
-    return out[0, len(ids):].tolist()
 
 
 def raw(x: torch.Tensor) -> bytes:
@@ -82,7 +75,7 @@ def test_chaos(tiny_llama):
     g = torch.Generator().manual_seed(0)
     honest = [torch.randint(1, 200, (int(n),), generator=g)
               for n in torch.randint(3, 40, (N_HONEST,), generator=g)]
-    expected = [reference(tiny_llama, p, TOKENS) for p in honest]
+    expected = [hf_generate(tiny_llama, p, TOKENS) for p in honest]
     row = wire.pack(get_codec("identity").encode(torch.randn(1, 64, generator=g)))
     nan = torch.randn(2, 64, generator=g)
     nan[1, 1] = float("nan")

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import grpc
 import pytest
 import torch
 from loopback import FromAddress  # tests/runtime is on sys.path (pytest rootdir mode)
+from test_server import wait_for
 from together import run_together
 
 from fc_edge.codecs import get_codec, wire
@@ -32,15 +32,6 @@ pytestmark = pytest.mark.slow
 
 LAYER = 2
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def prompts(n: int, seed: int = 0) -> list[torch.Tensor]:
@@ -75,6 +66,13 @@ class Held:
             return next(self.call).WhichOneof("kind")
         except grpc.RpcError as e:
             return e.code()
+
+    def ended(self) -> grpc.RpcError:
+        """Read on until the server ends the stream; the error it ended with."""
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in self.call:
+                pass
+        return ended.value
 
     def close(self) -> None:
         self.gate.set()
@@ -233,11 +231,9 @@ def test_a_client_that_stops_reading_is_ended_at_the_idle_timeout(tiny_llama):
             assert wait_for(lambda: handle.active_sessions() == 0)
             stats = handle.service.engine.stats()
             assert stats.free_blocks == stats.total_blocks
-            with pytest.raises(grpc.RpcError) as ended:
-                for _ in deaf.call:
-                    pass
-            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert "read nothing" in ended.value.details()
+            ended = deaf.ended()
+            assert ended.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "read nothing" in ended.details()
         finally:
             deaf.close()
 
@@ -247,10 +243,9 @@ def test_max_session_lifetime(tiny_llama):
         s = Held(handle.address, [open_frame(handle.fingerprint, LAYER, "identity")])
         try:
             assert s.first() == "ready"
-            with pytest.raises(grpc.RpcError) as ended:
-                next(s.call)
-            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert "limit of 0.5 s" in ended.value.details()
+            ended = s.ended()
+            assert ended.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "limit of 0.5 s" in ended.details()
         finally:
             s.close()
 
@@ -326,10 +321,9 @@ def test_bfloat16_overflow_is_invalid_argument(tiny_llama):
                                   activation_frame(0, row_payload(x))])
         try:
             assert s.first() == "ready"
-            with pytest.raises(grpc.RpcError) as ended:
-                next(s.call)
-            assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "bfloat16" in ended.value.details()
+            ended = s.ended()
+            assert ended.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "bfloat16" in ended.details()
         finally:
             s.close()
         assert handle.service.engine.alive()

@@ -11,7 +11,8 @@ import time
 import grpc
 import pytest
 import torch
-from together import run_together  # tests/runtime is on sys.path (pytest rootdir mode)
+from together import hf_generate as reference  # tests/runtime is on sys.path (rootdir)
+from together import run_together
 
 from fc_edge.codecs import wire
 from fc_edge.codecs.base import Encoded
@@ -29,16 +30,6 @@ def prompts(n: int, low: int = 2, high: int = 40, seed: int = 0) -> list[torch.T
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, 200, (int(torch.randint(low, high, (1,), generator=g)),),
                           generator=g) for _ in range(n)]
-
-
-def reference(model, ids: torch.Tensor, n: int) -> list[int]:
-    """Greedy tokens of Hugging Face's own generate (the oracle), never stopping early: the
-    EOS id is one no token has (min_new_tokens would instead forbid the model's EOS token)."""
-    with torch.no_grad():
-        out = model.generate(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=n, pad_token_id=0,
-                             eos_token_id=model.config.vocab_size)
-    return out[0, len(ids):].tolist()
 
 
 def generate_together(address: str, model, jobs: list[torch.Tensor], n: int, layer: int,
