@@ -61,11 +61,12 @@ DEFAULT_PREFILL_CHUNK = 256
 #: A session without a step waiting for this long (its client is silent or slow) is the first to
 #: lose its KV blocks when the pool runs out.
 IDLE_EVICT_S = 1.0
-#: Before an iteration, wait for the sessions that just got a token to send their next step, up
-#: to this fraction of the last iteration's time and at most MAX_BATCH_WAIT_S (see
-#: BatchEngine._gather_batch).
-BATCH_WAIT = 0.1
-MAX_BATCH_WAIT_S = 0.05
+#: Before an iteration, wait for the sessions that just got a token to send their next step: as
+#: long as one arrives every BATCH_GAP_S, up to this fraction of the last iteration's time and
+#: at most MAX_BATCH_WAIT_S (see BatchEngine._gather_batch).
+BATCH_WAIT = 0.3
+BATCH_GAP_S = 0.015
+MAX_BATCH_WAIT_S = 0.1
 
 
 class EngineError(FcEdgeError):
@@ -465,19 +466,24 @@ class BatchEngine:
         """Under the lock, with a step waiting: give the sessions that just got their token a
         moment to send their next step, so that a round of decode steps runs as one batch instead
         of splitting into the early and the late (a forward costs nearly as much for 2 rows as
-        for 16 on a CPU). At most :data:`BATCH_WAIT` of the last iteration's time, and never
-        longer than :data:`MAX_BATCH_WAIT_S`."""
+        for 16 on a CPU). The wait ends when they are all back, when none has come for
+        :data:`BATCH_GAP_S`, or after :data:`BATCH_WAIT` of the last iteration's time (never
+        more than :data:`MAX_BATCH_WAIT_S`)."""
         if not self._expected:
             return
-        deadline = time.monotonic() + min(BATCH_WAIT * self._last_iteration_s, MAX_BATCH_WAIT_S)
+        now = time.monotonic()
+        deadline = now + min(BATCH_WAIT * self._last_iteration_s, MAX_BATCH_WAIT_S)
+        arrived = len(self._waiting)
         while not self._stopping:
             self._expected = {s for s in self._expected
                               if s.step is None and not s.closed and s.expected}
-            waiting = len(self._waiting)
             left = deadline - time.monotonic()
-            if not self._expected or waiting >= self.max_batch or left <= 0:
+            if not self._expected or len(self._waiting) >= self.max_batch or left <= 0:
                 break
-            self._cv.wait(left)
+            self._cv.wait(min(left, BATCH_GAP_S))
+            if len(self._waiting) == arrived:
+                break  # nobody came within the gap: the rest are slow
+            arrived = len(self._waiting)
         self._expected = set()
 
     def _execute(self, planned: list[_Planned]) -> dict[EngineSession, int | BaseException]:

@@ -90,6 +90,9 @@ DEFAULT_MAX_STREAMS = 256
 DEFAULT_DRAIN_S = 10.0
 #: Room for the wire header (magic, dims, parameters, CRC) on top of the values of a payload.
 WIRE_HEADER_ALLOWANCE = 4096
+#: Payloads up to this size (a decode row of a hidden size up to ~4,000 as float32) are decoded
+#: on the event loop; larger ones (prefills) on the decoder threads.
+INLINE_DECODE_BYTES = 16 * 1024
 #: ``Open.codec.config_json``: at most this many bytes, objects and lists nested this deep.
 MAX_CONFIG_JSON_BYTES = 16 * 1024
 MAX_CONFIG_DEPTH = 4
@@ -650,14 +653,18 @@ class EdgeService:
                                f"payload of {len(act.payload)} bytes exceeds the server's limit "
                                f"of {self.max_payload_bytes} bytes")
         session.bytes_in += len(act.payload)
-        loop = asyncio.get_running_loop()
-        try:
-            decoding = loop.run_in_executor(self._decoder, self._decode_payload, session,
-                                            act.payload)
-        except RuntimeError:  # the decoder threads are shut down: the server is stopping
-            raise SessionAbort(grpc.StatusCode.UNAVAILABLE,
-                               "the server is shutting down; open the session elsewhere") from None
-        x, codec_name, t_unpack, t_decode = await self._wait(decoding, None, session, "")
+        if len(act.payload) <= INLINE_DECODE_BYTES:
+            # a decode row takes microseconds: a hop to a worker thread would cost more
+            x, codec_name, t_unpack, t_decode = self._decode_payload(session, act.payload)
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                decoding = loop.run_in_executor(self._decoder, self._decode_payload, session,
+                                                act.payload)
+            except RuntimeError:  # the decoder threads are shut down: the server is stopping
+                raise SessionAbort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; "
+                                   "open the session elsewhere") from None
+            x, codec_name, t_unpack, t_decode = await self._wait(decoding, None, session, "")
         t0 = time.perf_counter()
         try:
             future = self.engine.submit(session.engine, x)
