@@ -96,8 +96,6 @@ INLINE_DECODE_BYTES = 16 * 1024
 #: ``Open.codec.config_json``: at most this many bytes, objects and lists nested this deep.
 MAX_CONFIG_JSON_BYTES = 16 * 1024
 MAX_CONFIG_DEPTH = 4
-# kept for callers of the old name
-DEFAULT_MAX_SESSIONS = None
 
 
 def default_prefill_chunk(device: torch.device) -> int:
