@@ -370,8 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_server: {args.model} on {device_name(device)} ({args.dtype}); load average "
           f"{load_avg[0]:.2f} at the start; torch threads in the servers: "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}", flush=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
     results: dict = {"model": args.model, "device": device_name(device), "dtype": args.dtype,
-                     "load_average_start": load_avg[0], "args": vars(args)}
+                     "commit": commit, "load_average_start": load_avg[0], "args": vars(args)}
     modes = {"batched": 32, "one at a time": 1}
     wanted = {m for m in args.modes.split(",")}
     modes = {m: b for m, b in modes.items() if m.split()[0] in wanted}
