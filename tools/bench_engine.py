@@ -17,8 +17,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--split-layer", type=int, default=1)
-    p.add_argument("--engine", default=None, help="an exported engine folder (default: export)")
-    p.add_argument("--out", default="engines")
+    p.add_argument("--engine", default=None, help="an exported bundle folder (default: export)")
+    p.add_argument("--out", default=None, help="where to export it (default: engines/<name>)")
     p.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"))
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--decode-steps", type=int, default=16)
@@ -40,7 +40,7 @@ def main() -> int:
     if folder is None:
         t0 = time.perf_counter()
         result = export_engine(model, args.split_layer, args.out, model_spec=args.model,
-                               exporter=args.exporter)
+                               exporter=args.exporter, tensorrt=False)
         folder = result.folder
         print(f"export ({args.exporter}): {time.perf_counter() - t0:.1f} s "
               f"(graphs {result.seconds['export']:.1f} s, verify {result.seconds['verify']:.1f} s)")

@@ -55,7 +55,7 @@ def main() -> None:
 
     import torch
 
-    from fc_edge.eval.runner import evaluate
+    from fc_edge.eval.accuracy import evaluate
     from fc_edge.eval.settings import build_settings
     from fc_edge.eval.tasks import default_data_dir
     from fc_edge.models.pretrained import load_model

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the fused CUDA ops (fc_edge._C) in place from csrc/, for Jetson Orin (sm_87) and
-# desktop / datacenter GPUs (sm_80, sm_89, sm_90); TORCH_CUDA_ARCH_LIST overrides the list
-# (on a Jetson the default is 8.7 alone). Needs a CUDA build of torch and nvcc.
+# Builds the fused CUDA ops (fc_edge._C) in place from csrc/. setup.py picks the GPU code and
+# says so in one line: sm_80 (every 8.x GPU), sm_87 (Jetson Orin), sm_90 (H100/H200) and PTX of
+# 9.0 for newer GPUs; on a Jetson its own architecture alone (Xavier, sm_72, needs a CUDA <= 12
+# nvcc: CUDA 13 dropped it); TORCH_CUDA_ARCH_LIST overrides. Needs a CUDA build of torch and nvcc.
 #   tools/build_ext.sh                 # .venv/bin/python if present, else python3
 #   PYTHON=python3 TORCH_CUDA_ARCH_LIST="9.0" tools/build_ext.sh
 set -euo pipefail
@@ -23,15 +24,8 @@ if ! command -v nvcc >/dev/null 2>&1 && [[ ! -x "${CUDA_HOME:-/usr/local/cuda}/b
   exit 1
 fi
 
-if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
-  if [[ "$(uname -m)" == "aarch64" && -e /etc/nv_tegra_release ]]; then
-    export TORCH_CUDA_ARCH_LIST="8.7"          # Jetson Orin
-  else
-    export TORCH_CUDA_ARCH_LIST="8.0;8.7;8.9;9.0"
-  fi
-fi
 export MAX_JOBS="${MAX_JOBS:-4}"
-echo "build_ext: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, $("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)')"
+echo "build_ext: $("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)')"
 
 FC_EDGE_CUDA=1 "$PY" setup.py build_ext --inplace
 

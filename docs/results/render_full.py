@@ -45,8 +45,8 @@ def task_sizes(tasks: list[str]) -> dict[str, int]:
 def from_records(path: Path) -> dict:
     """An accuracy result (as ``fc-edge eval --json`` writes it) from a records file: every
     task's items 0..k-1 that are all scored (a run stopped mid-stage leaves a prefix)."""
-    from fc_edge.eval.runner import summarize
     from fc_edge.eval.settings import build_settings
+    from fc_edge.eval.summary import summarize
 
     lines = path.read_text(encoding="utf-8").splitlines()
     run = json.loads(lines[0])["run"]
@@ -56,7 +56,8 @@ def from_records(path: Path) -> dict:
             rec = json.loads(line)
         except json.JSONDecodeError:
             break  # the line being written
-        by_task.setdefault(rec["task"], {})[int(rec["idx"])] = rec
+        if "idx" in rec:  # not a session line
+            by_task.setdefault(rec["task"], {})[int(rec["idx"])] = rec
     records = {}
     for task in sorted(by_task):
         got, k = by_task[task], 0

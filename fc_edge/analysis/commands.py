@@ -11,10 +11,6 @@ from typing import Any
 from fc_edge.errors import ConfigError
 
 
-def default_texts() -> Path:
-    return Path(__file__).resolve().parents[2].parent / "shared" / "texts" / "dev.txt"
-
-
 def add_parser(sub: Any) -> None:
     from fc_edge.cli import add_model_args
 
@@ -48,7 +44,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("analysis"),
                    help="where the PNG plots and analysis.json go (default ./analysis)")
     p.add_argument("--json", type=Path, default=None, help="JSON path (default OUT/analysis.json)")
-    from fc_edge.eval.commands import add_threads_arg
+    from fc_edge.eval.options import add_threads_arg
 
     add_threads_arg(p)
     p.set_defaults(func=run)
@@ -56,21 +52,21 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fc_edge.analysis.analyze import analyze, markdown_table, plot_all, recommend
-    from fc_edge.eval.commands import _float_list, _int_list, apply_threads
-    from fc_edge.eval.runner import read_documents
+    from fc_edge.eval.options import apply_threads, float_list, int_list
+    from fc_edge.eval.perplexity import read_documents
     from fc_edge.models.pretrained import load_model
 
     apply_threads(args)
     if args.limit < 1 or args.max_tokens < 2:
         raise ConfigError("--limit must be >= 1 and --max-tokens >= 2")
-    ratios = _float_list(args.ratios, "--ratios") or []
-    docs = read_documents(args.texts or default_texts(), args.limit)
+    ratios = float_list(args.ratios, "--ratios") or []
+    docs = read_documents(args.texts, "all", args.limit)
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise ConfigError(f"model {args.model!r} has no tokenizer: give a model with one")
     n = model.config.num_hidden_layers
     if args.layers:
-        layers = _int_list(args.layers, "--layers")
+        layers = int_list(args.layers, "--layers")
     else:
         layers = [L for L in (1, 2, 4, 8, 16, n - 1) if 1 <= L <= n - 1]
     ids = [list(tokenizer(d, add_special_tokens=False)["input_ids"])[: args.max_tokens]

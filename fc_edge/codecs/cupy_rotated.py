@@ -1,32 +1,53 @@
 """``rotated``'s entropy-coded uniform quantizer on the GPU, with CuPy (NVRTC: no build step).
 
-Used by :class:`~fc_edge.codecs.transform.RotatedCodec` when the coefficients are on a CUDA device
-and CuPy imports (:func:`fc_edge.ops.cupy_available`); everywhere else the numba coder of
-:mod:`fc_edge.codecs.entropy` runs. The payload is byte-identical to the numba coder's: same
-params, same ``codes`` / ``scales`` / ``lengths`` tensors (the tests hold the two to that).
+Used by :class:`~fc_edge.codecs.transform.RotatedCodec` when the coefficients are on a CUDA device,
+CuPy imports (:func:`fc_edge.ops.cupy_available`) and there are at least :func:`min_gpu_values`
+of them; everywhere else the numba coder of :mod:`fc_edge.codecs.entropy` runs. The payload is
+byte-identical to the numba coder's: same params, same ``codes`` / ``scales`` / ``lengths``
+tensors (the tests hold the two to that).
 
 The transform itself is not here: :func:`~fc_edge.codecs.transform.rotate` already runs with torch
 on the tensor's device (a matrix product for a few rows, cuFFT otherwise), and computing it a
 second way would round differently and lose the byte identity. This module takes over from the
 coefficients: per-row RMS, the quantizer, and the Huffman bit writer and reader, as kernels of
-one thread per row (``cupy_rotated.cu``):
+one warp per row (``cupy_rotated.cu`` says how each splits its row among the 32 lanes):
 
 * ``fc_row_sigma``: bfloat16-rounded RMS of each row;
 * ``fc_row_bits``: each row's Huffman bit count at a step; rate control (the same host code as
   the CPU path, :meth:`RotatedCodec._encode_uniform`) sums them per probed step;
-* ``fc_write_rows``: byte offsets are the exclusive cumulative sum of the row byte lengths; each
-  thread writes its row there;
-* ``fc_read_rows`` + ``fc_dequantize``: one thread per row from the sent lengths and the decode
-  tables; a row that does not decode is a WireError naming the first such row, as on the CPU.
+* ``fc_write_rows``: byte offsets are the exclusive cumulative sum of the row byte lengths; within
+  a row, a warp scan gives each code word its bit offset;
+* ``fc_read_rows`` + ``fc_dequantize``: from the sent lengths and the decode tables; a row that
+  does not decode is a WireError naming the first such row, as on the CPU.
+
+**When the GPU coder pays** (:data:`MIN_GPU_VALUES`). Its cost is fixed, not per value: about
+``6 + 4 P`` kernel launches (P = steps the rate control probes: 1 without a byte cap, 2-3 with
+one) and ``1 + P`` host synchronisations, each launch ~5-20 us from Python and each sync
+~10-20 us plus the kernel's own latency: F_gpu ~ 0.1-0.2 ms whatever N and K, plus one serial
+chain per row (the RMS: K float64 additions by one lane). The CPU coder pays a fixed
+F_cpu ~ 0.05 ms (one device-to-host copy of the N x K float32 coefficients, three host-to-device
+copies of the payload, ~10-20 us each at these sizes) and then numba at ~5 ns per value and pass,
+``2 + P`` passes (RMS, P quantizer passes, the writer): c ~ 15-25 ns per value. They cross at
+``N K = (F_gpu - F_cpu) / c`` ~ (0.05-0.15 ms) / (15-25 ns) ~ 2,000-10,000 values on a desktop
+CPU core; a Jetson's Arm cores run numba slower, and launch slower too. A decode step's row
+(N = 1, K = 576: 576 values) is 3-17x below that; a 512-row prefill (295k values) 30x above.
+The threshold is 8,192 values, the upper half of the range on purpose (below the crossover the
+CPU coder costs tens of microseconds either way; above it the GPU's lead grows with N K);
+``FC_EDGE_CUPY_MIN_VALUES`` overrides it (0 sends everything to the GPU). To be confirmed by
+``tools/bench_cupy.py``, which times both coders around it.
 
 A :class:`Runner` launches the kernels; :class:`CupyRunner` is the GPU one. The tests run this
 module's logic on the host with a runner over numpy arrays and the same kernel source compiled
-by g++ (tests/codecs/cupy_host_shim.cpp).
+by g++ (tests/codecs/cupy_host_shim.cpp), each warp's lanes run as fibers that meet at shuffles.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +57,7 @@ import torch
 
 from fc_edge import ops
 from fc_edge.codecs import entropy
-from fc_edge.errors import WireError
+from fc_edge.errors import ConfigError, WireError
 
 #: The kernels' source (NVRTC, nvcc and the host emulation all compile this file).
 KERNEL_SOURCE = Path(__file__).with_name("cupy_rotated.cu")
@@ -45,7 +66,51 @@ KERNEL_NAMES = ("fc_row_sigma", "fc_row_bits", "fc_write_rows", "fc_read_rows", 
 #: contraction, so results equal the host's bit for bit (the kernels also spell their float64
 #: arithmetic with __d*_rn intrinsics).
 NVRTC_OPTIONS = ("--std=c++11", "--fmad=false")
-THREADS = 128  # threads per block; one row per thread
+WARP = 32  # lanes per warp: one warp per row
+THREADS = 128  # threads per block: 4 rows
+#: Fewest values (N x K) the GPU coder takes; below it the numba coder runs (the module's
+#: docstring gives the cost model). ``FC_EDGE_CUPY_MIN_VALUES`` overrides it.
+MIN_GPU_VALUES = 8192
+#: The longest code word the kernels handle (fc_write_rows keeps the stream's last 32 bits).
+MAX_CODE_BITS = 24
+
+_CUTOFF: ContextVar[int | None] = ContextVar("fc_edge_cupy_min_values", default=None)
+
+
+def min_gpu_values() -> int:
+    """The cutoff now: :func:`gpu_cutoff`'s value inside one, else ``FC_EDGE_CUPY_MIN_VALUES``,
+    else :data:`MIN_GPU_VALUES`."""
+    override = _CUTOFF.get()
+    if override is not None:
+        return override
+    raw = os.environ.get("FC_EDGE_CUPY_MIN_VALUES")
+    if raw is None:
+        return MIN_GPU_VALUES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"FC_EDGE_CUPY_MIN_VALUES must be a whole number >= 0, got {raw!r}")
+    return value
+
+
+@contextmanager
+def gpu_cutoff(values: int) -> Iterator[None]:
+    """Within the block (this thread or task) the GPU coder takes N x K >= ``values`` (0: every
+    size), whatever the default: for benchmarks and tests that compare the coders at one size."""
+    if values < 0:
+        raise ConfigError(f"the GPU coder's cutoff must be >= 0 values, got {values}")
+    token = _CUTOFF.set(values)
+    try:
+        yield
+    finally:
+        _CUTOFF.reset(token)
+
+
+def use_gpu(n_values: int) -> bool:
+    """Whether ``n_values`` (N x K) values are worth the GPU coder (:func:`min_gpu_values`)."""
+    return n_values >= min_gpu_values()
 
 
 def alpha_bits(step: int) -> np.uint32:
@@ -74,7 +139,7 @@ class Runner:
         self._tables: dict[int, DeviceTable] = {}
 
     def launch(self, name: str, n_rows: int, *args: Any) -> None:
-        """Run kernel ``name`` with one thread per row over ``n_rows`` rows."""
+        """Run kernel ``name`` with one warp per row over ``n_rows`` rows (:func:`grid`)."""
         raise NotImplementedError
 
     def from_tensor(self, t: torch.Tensor) -> Any:
@@ -90,6 +155,9 @@ class Runner:
         t = self._tables.get(step)
         if t is None:
             h = entropy.table_for_step(step)
+            if h.max_len > MAX_CODE_BITS:  # entropy caps codes at 15 bits
+                raise ValueError(f"step {step}: {h.max_len}-bit code words, the kernels take "
+                                 f"<= {MAX_CODE_BITS}")
             xp = self.xp
             t = self._tables[step] = DeviceTable(
                 h.Q,
@@ -117,8 +185,7 @@ class CupyRunner(Runner):
             self._fns = {name: self.module.get_function(name) for name in KERNEL_NAMES}
 
     def launch(self, name: str, n_rows: int, *args: Any) -> None:
-        blocks = (n_rows + THREADS - 1) // THREADS
-        self._fns[name]((blocks,), (THREADS,), args)
+        self._fns[name]((grid(n_rows),), (THREADS,), args)
 
     def from_tensor(self, t: torch.Tensor) -> Any:
         return self.xp.from_dlpack(t.contiguous())
@@ -132,6 +199,12 @@ class CupyRunner(Runner):
         return ops.cupy_stream(torch.device("cuda", self.device_index))
 
 
+def grid(n_rows: int) -> int:
+    """Blocks of :data:`THREADS` threads for one warp per row over ``n_rows`` rows."""
+    rows_per_block = THREADS // WARP
+    return max(1, (n_rows + rows_per_block - 1) // rows_per_block)
+
+
 @functools.cache
 def _cupy_runner(device_index: int) -> CupyRunner:
     return CupyRunner(device_index)
@@ -139,8 +212,14 @@ def _cupy_runner(device_index: int) -> CupyRunner:
 
 def runner_for(t: torch.Tensor) -> Runner | None:
     """The GPU runner for a CUDA tensor when CuPy is usable (:func:`fc_edge.ops.cupy_available`),
-    else None (the numba coder runs)."""
+    else None (the numba coder runs).
+
+    For coefficient rows (a floating-point tensor, N x K values) None also below
+    :func:`min_gpu_values` values. A byte stream's size does not say how many values it holds,
+    so for one the cutoff is :func:`decode_rows`'s, from N and K."""
     if not t.is_cuda or not ops.cupy_available():
+        return None
+    if t.is_floating_point() and not use_gpu(t.numel()):
         return None
     return _cupy_runner(t.device.index if t.device.index is not None else 0)
 
@@ -220,8 +299,14 @@ def decode_rows(runner: Runner, codes: torch.Tensor, lengths: np.ndarray, K: int
     """``(N, K)`` float32 dequantized rows on the device from a ``codes`` stream, every row's
     byte length (host, already range-checked) and the ``(N,)`` scales; the device twin of
     ``entropy.decode_rows`` + ``entropy.dequantize``. A row that does not decode to exactly
-    ``K`` code words and fewer than 8 zero padding bits is a WireError naming the first one."""
+    ``K`` code words and fewer than 8 zero padding bits is a WireError naming the first one.
+    Below :func:`min_gpu_values` values (N x K) the numba decoder runs on a host copy."""
     lengths = np.asarray(lengths, dtype=np.int64)
+    if not use_gpu(len(lengths) * K):
+        symbols = entropy.decode_rows(codes.to(torch.uint8).reshape(-1).cpu().numpy(), lengths,
+                                      K, step)
+        sigma = scales.float().reshape(-1).cpu().numpy()
+        return entropy.dequantize(symbols, sigma, step).to(codes.device)
     if lengths.size and int(lengths.min()) < 0:
         raise WireError("entropy-coded row lengths are negative")
     starts_np = np.zeros(len(lengths) + 1, dtype=np.int64)

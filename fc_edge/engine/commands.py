@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from fc_edge.cli import add_model_args
@@ -12,9 +13,13 @@ from fc_edge.cli import add_model_args
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "export",
-        help="export the device head to ONNX (and TensorRT), verified against the torch head",
-        description="Export embed + layers[:L] to ONNX opset 18 (prefill and decode graphs), "
-        "check and verify them with onnxruntime on the CPU, and write engines/<name>/.",
+        help="write a device bundle: the head's weights, ONNX graphs (and TensorRT plans), "
+        "tokenizer, manifest",
+        description="Write everything a device needs to run embed + layers[:L] and nothing "
+        "else: the head's weights (head.safetensors), ONNX opset 18 prefill and decode graphs "
+        "sharing them (verified with onnxruntime on the CPU against the torch head), TensorRT "
+        "plans where TensorRT is installed, the tokenizer and manifest.json. Run it with "
+        "`fc-edge generate --engine DIR`. Progress goes to stderr.",
     )
     add_export_args(p)
     p.set_defaults(func=cmd_export)
@@ -24,9 +29,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     """The ``export`` flags (shared with tools/export_engine.py)."""
     add_model_args(p)
     p.add_argument("--split-layer", type=int, required=True, help="L: export layers[:L]")
-    p.add_argument("--out", default="engines", help="parent folder (default: engines/)")
-    p.add_argument("--name", default=None,
-                   help="engine folder name (default: <model>-L<L>[-fourier-ks..-kd..])")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="the bundle's folder, replaced if it holds a bundle (default: "
+                   "engines/<model>-L<L>[-fourier-ks..-kd..])")
     f = p.add_argument_group("in-graph fourier block (optional)")
     f.add_argument("--in-graph-fourier", action="store_true",
                    help="add a fourier_block output: the codec's truncated 2-D DFT as matmuls")
@@ -36,9 +41,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="choose k_s, k_d as FourierCodec(ratio) does for --ratio-seq-len tokens")
     f.add_argument("--ratio-seq-len", type=int, default=128,
                    help="prefill length the --ratio geometry is chosen for (default 128)")
-    p.add_argument("--tensorrt", action="store_true",
-                   help="also build TensorRT plans, fp16 where the installed TensorRT can "
-                   "(needs the tensorrt package; the manifest says what was built)")
+    p.add_argument("--tensorrt", action=argparse.BooleanOptionalAction, default=None,
+                   help="build TensorRT plans, fp16 where the installed TensorRT can (default: "
+                   "where the tensorrt package and a CUDA GPU are; --tensorrt requires them, "
+                   "--no-tensorrt skips them; the manifest says what was built)")
     p.add_argument("--float16", action="store_true",
                    help="also write float16 copies of the graphs (prefill.float16.onnx, ...), "
                    "verified on the CPU; --tensorrt does it when its TensorRT needs them")
@@ -49,7 +55,12 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fc_edge.engine.export import export_engine, fourier_geometry
+    from fc_edge.engine.export import (
+        check_target,
+        export_engine,
+        fourier_geometry,
+        stderr_log,
+    )
     from fc_edge.errors import ConfigError
     from fc_edge.models.pretrained import load_model
 
@@ -60,8 +71,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         from fc_edge.engine.tensorrt import require_tensorrt
 
         require_tensorrt()  # before the minutes of loading and exporting
+    if args.out is not None:
+        check_target(Path(args.out))  # before loading anything
     t0 = time.perf_counter()
-    model, _ = load_model(args.model)
+    stderr_log(f"loading {args.model} ...")
+    model, tokenizer = load_model(args.model)
     fourier = None
     if args.in_graph_fourier:
         if all(x is None for x in geometry_flags):
@@ -70,10 +84,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             model.config.hidden_size, args.k_s, args.k_d, args.ratio, args.ratio_seq_len
         )
     result = export_engine(
-        model, args.split_layer, args.out, model_spec=args.model, name=args.name,
+        model, args.split_layer, args.out, model_spec=args.model, tokenizer=tokenizer,
         fourier=fourier, tensorrt=args.tensorrt, float16=args.float16,
-        exporter=args.exporter,
-        tolerance=args.tolerance, log=lambda msg: print(msg, flush=True))
+        exporter=args.exporter, tolerance=args.tolerance, log=stderr_log)
     m = result.manifest
     total = sum(f["bytes"] for f in m["files"].values())
     print(f"wrote {result.folder}/ ({', '.join(m['files'])}; {total / 1e6:.1f} MB) in "

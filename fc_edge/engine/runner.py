@@ -18,7 +18,6 @@ The TensorRT provider builds its own fp16 engine on first use and caches it in
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +25,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fc_edge.engine.bundle import EngineConfig, fourier_block_fallback, has_plans, load_manifest
 from fc_edge.engine.graphs import kv_names
 from fc_edge.errors import ConfigError
+from fc_edge.models.checkpoint import BundleCheckpoint
+from fc_edge.models.head import check_max_seq_len, step_ids
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+#: What runs a bundle: ``auto`` chooses (see :func:`choose_backend`).
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 PREFERRED_PROVIDERS = (
     "TensorrtExecutionProvider",
     "CUDAExecutionProvider",
     "CPUExecutionProvider",
 )
-
-
-class EngineConfig:
-    """The few Hugging Face config fields a client reads, from the manifest."""
-
-    def __init__(self, manifest: dict[str, Any]) -> None:
-        self.model_type = manifest["model_type"]
-        self.hidden_size = manifest["hidden_size"]
-        self.num_hidden_layers = manifest["num_hidden_layers"]
-        self.vocab_size = manifest["vocab_size"]
-
-
-def load_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{str(folder)!r} is not an exported engine (no manifest.json): "
-            "make one with `fc-edge export`"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}): export the engine again") from None
 
 
 def select_providers(requested: list[str] | None = None) -> list[str]:
@@ -76,21 +56,17 @@ def select_providers(requested: list[str] | None = None) -> list[str]:
     return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
 
 
-def has_plans(folder: Path, manifest: dict[str, Any]) -> bool:
-    """Whether the manifest lists TensorRT plans and both files are in ``folder``."""
-    entry = manifest.get("tensorrt")
-    return bool(entry) and all((folder / entry[g]).is_file() for g in ("prefill", "decode"))
-
-
 def choose_backend(
     folder: Path, manifest: dict[str, Any], backend: str, providers: list[str] | None
 ) -> str:
-    """``"tensorrt"`` or ``"onnxruntime"`` for ``backend`` ``"auto"`` (plans listed and present,
-    ``tensorrt`` importable, a CUDA GPU, no onnxruntime providers asked for) or as given."""
+    """The backend for ``backend`` ``"auto"``: ``"tensorrt"`` where the plans are listed and
+    present, ``tensorrt`` imports and torch sees a CUDA GPU (and no onnxruntime providers were
+    asked for), else ``"onnxruntime"`` where it is installed, else ``"torch"`` (the bundle's
+    weights in our head); any other ``backend`` as given."""
     if backend not in BACKENDS:
         raise ConfigError(f"engine backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "tensorrt" and providers:
-        raise ConfigError("onnxruntime providers were given for the tensorrt backend: drop one")
+    if backend in ("tensorrt", "torch") and providers:
+        raise ConfigError(f"onnxruntime providers were given for the {backend} backend: drop one")
     if backend != "auto":
         return backend
     if (
@@ -100,7 +76,9 @@ def choose_backend(
         and torch.cuda.is_available()
     ):
         return "tensorrt"
-    return "onnxruntime"
+    if importlib.util.find_spec("onnxruntime") is not None:
+        return "onnxruntime"
+    return "torch"
 
 
 class EngineHead:
@@ -130,6 +108,9 @@ class EngineHead:
         self.fourier: dict[str, Any] | None = self.manifest.get("fourier")
         self.past_names, self.present_names = kv_names(self.layer)
         self.backend = choose_backend(self.folder, self.manifest, backend, providers)
+        if self.backend == "torch":
+            raise ConfigError("EngineHead runs the graphs or plans; the torch backend is the "
+                              "bundle's weights in our head: fc_edge.engine.open_bundle")
         if self.backend == "tensorrt":
             from fc_edge.engine.trt_runner import TensorRTEngines
 
@@ -139,6 +120,9 @@ class EngineHead:
         self._load_onnxruntime(providers, threads, onnx_dtype)
 
     def _load_onnxruntime(self, providers: list[str] | None, threads: int, onnx_dtype: str) -> None:
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise ConfigError("running the ONNX graphs needs onnxruntime: pip install "
+                              "'fc-edge[device]' (or --engine-backend torch)")
         import onnxruntime as ort
 
         graphs = {"float32": self.manifest["graphs"],
@@ -197,21 +181,6 @@ class EngineHead:
         return EngineSession(self, max_seq_len)
 
 
-def step_ids(input_ids: Tensor, position: int, max_seq_len: int) -> Tensor:
-    """A session step's tokens as a flat (S,) long CPU tensor, refused (one line) when empty or
-    when the S positions after ``position`` overflow the session's ``max_seq_len``."""
-    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).cpu()
-    s = ids.shape[0]
-    if s == 0:
-        raise ConfigError("step needs at least one token")
-    if position + s > max_seq_len:
-        raise ConfigError(
-            f"the session holds {max_seq_len} positions; {s} more token(s) at position "
-            f"{position} do not fit: start a session with a larger max_seq_len"
-        )
-    return ids
-
-
 class EngineSession:
     """One generation: the per-layer key/value arrays ``past`` (optimum order: key 0,
     value 0, key 1, ...; each ``(1, n_kv, T, hd)`` float32) and the next position.
@@ -225,13 +194,8 @@ class EngineSession:
     """
 
     def __init__(self, engine: EngineHead, max_seq_len: int) -> None:
-        if max_seq_len < 1:
-            raise ConfigError(f"max_seq_len must be at least 1, got {max_seq_len}")
-        if max_seq_len > engine.manifest.get("max_seq_len", max_seq_len):
-            raise ConfigError(
-                f"the engine was exported for at most {engine.manifest['max_seq_len']} positions, "
-                f"asked for {max_seq_len}"
-            )
+        check_max_seq_len(max_seq_len, engine.manifest.get("max_seq_len"),
+                          "the engine was exported for")
         self.engine = engine
         self.max_seq_len = max_seq_len
         self.position = 0
@@ -244,13 +208,9 @@ class EngineSession:
         s = ids.shape[0]
         if self.position == 0:
             rows = [self._run("prefill", ids[None])]
-            fourier = self.engine.fourier
-            if fourier and s < fourier["prefill_min_seq_len"]:
-                # outside the graph's block shapes: the same block from the activation
-                from fc_edge.ops import spectral_compress
-
-                k_s = min(fourier["k_s"], s // 2 + 1)
-                self.last_block = spectral_compress(torch.from_numpy(rows[0]), k_s, fourier["k_d"])
+            block = fourier_block_fallback(torch.from_numpy(rows[0]), self.engine.fourier)
+            if block is not None:
+                self.last_block = block
         else:
             rows = [self._run("decode", ids[None, i : i + 1]) for i in range(s)]
         return torch.from_numpy(np.concatenate(rows, axis=1)[0])
@@ -270,3 +230,52 @@ class EngineSession:
         self.past = list(outs[1 + n_extra :])
         self.position += s
         return activation
+
+
+class EngineBundle(BundleCheckpoint):
+    """A bundle whose head runs on its ONNX graphs (onnxruntime) or TensorRT plans: the
+    :class:`~fc_edge.models.checkpoint.BundleCheckpoint` interface (fingerprint, tokenizer,
+    ``device_head``) with :class:`EngineHead` as the head."""
+
+    def __init__(self, root: Path, label: str, backend: str, providers: list[str] | None = None,
+                 threads: int = 0) -> None:
+        super().__init__(root, label)
+        self.backend, self.providers, self.threads = backend, providers, threads
+
+    def check_placement(self, device: Any = None, dtype: Any = None) -> None:
+        if device is not None or dtype is not None:
+            raise ConfigError(f"the {self.backend} engine runs where its backend does: drop "
+                              "--device / --dtype (or run the weights: --engine-backend torch)")
+
+    def load_head(self, layer: int, device: Any = None, dtype: Any = None) -> Any:
+        self.check_split_layer(layer)
+        self.check_placement(device, dtype)
+        return EngineHead(self.root, providers=self.providers, manifest=self.manifest,
+                          threads=self.threads, backend=self.backend)
+
+
+def open_bundle(folder: str | Path, backend: str = "auto", providers: list[str] | None = None,
+                threads: int = 0) -> BundleCheckpoint:
+    """An exported bundle (``fc-edge export``) ready for :class:`~fc_edge.runtime.client.
+    DeviceClient`: its head runs on ``backend`` (:func:`choose_backend`; ``"torch"`` runs the
+    bundle's weights in our head). Only the manifest and the config are read here; the head
+    loads in ``device_head``."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    chosen = choose_backend(folder, manifest, backend, providers)
+    # what the backend needs is checked here, before a server is asked or a weight read
+    if chosen == "tensorrt":
+        from fc_edge.engine.trt_runner import check_tensorrt_backend
+
+        check_tensorrt_backend(folder, manifest)
+    elif chosen == "onnxruntime":
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise ConfigError("running the ONNX graphs needs onnxruntime: pip install "
+                              "'fc-edge[device]' (or --engine-backend torch)")
+        missing = [g["file"] for g in manifest["graphs"].values()
+                   if not (folder / g["file"]).is_file()]
+        if missing:
+            raise ConfigError(f"{folder} lacks {', '.join(missing)}: export the bundle again")
+    if chosen == "torch":
+        return BundleCheckpoint(folder, str(folder))
+    return EngineBundle(folder, str(folder), chosen, providers, threads)

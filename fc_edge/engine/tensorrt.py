@@ -7,12 +7,15 @@ make the venv with ``--system-site-packages``).
 The precision is the one the installed TensorRT can really build, decided by
 :func:`choose_precision` from the module's capabilities alone:
 
-* ``BuilderFlag.FP16`` exists (TensorRT <= 10): a weakly typed network from the float32 ONNX with
-  that flag (TensorRT may run each layer in fp16 or keep it in fp32, as it finds faster);
-* the flag is gone (TensorRT 11 removed weakly typed networks) but
-  ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` exists: a strongly typed network from the
-  float16 ONNX copy (``prefill.float16.onnx``: the head exported in float16, RMSNorm means and
-  softmax in float32 as in the torch head), so every layer runs in the type the ONNX says;
+* ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` exists (TensorRT 9.x on, JetPack 6's 10.3
+  included; TensorRT 11 has nothing else): a strongly typed network from the float16 ONNX copy
+  (``prefill.float16.onnx``: the head exported in float16 with RMSNorm's mean of squares,
+  softmax, the rotary angles and the in-graph DFT block in float32, as the torch head computes
+  them), so every layer runs in the type the ONNX says;
+* otherwise ``BuilderFlag.FP16`` (TensorRT 8.x): a weakly typed network from the float32 ONNX
+  with that flag, layer norms and reductions pinned to float32 (``OBEY_PRECISION_CONSTRAINTS``
+  and each layer's precision), since TensorRT may otherwise run a mean of squares or the DFT's
+  DC term in half precision, where they overflow;
 * neither (or ``allow_fp16=False``): float32, with TF32 turned off where the flag exists, so
   "fp32" means float32 arithmetic; the manifest says so.
 
@@ -69,21 +72,25 @@ def choose_precision(trt: Any, allow_fp16: bool = True) -> BuildPrecision:
     creation = trt.NetworkDefinitionCreationFlag
     # explicit batch is the only mode from TensorRT 10 on; older ones need the flag
     base = ("EXPLICIT_BATCH",) if hasattr(creation, "EXPLICIT_BATCH") else ()
-    if allow_fp16 and hasattr(trt.BuilderFlag, "FP16"):
-        return BuildPrecision(
-            "fp16", "weak", ("FP16",), base, (), "float32",
-            "weakly typed network from the float32 ONNX with BuilderFlag.FP16: TensorRT may run "
-            "each layer in fp16 or fp32",
-        )
     if allow_fp16 and hasattr(creation, "STRONGLY_TYPED"):
         return BuildPrecision(
             "fp16", "strong", (), (*base, "STRONGLY_TYPED"), (), "float16",
             "strongly typed network from the float16 ONNX: weights, caches and matmuls fp16, "
-            "norm statistics, softmax and the activation output float32, as the ONNX says",
+            "norm statistics, softmax, rotary angles, the DFT block and the activation output "
+            "float32, as the ONNX says",
+        )
+    if allow_fp16 and hasattr(trt.BuilderFlag, "FP16"):
+        pinned = ("OBEY_PRECISION_CONSTRAINTS",) \
+            if hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS") else ()
+        return BuildPrecision(
+            "fp16", "weak", ("FP16", *pinned), base, (), "float32",
+            "weakly typed network from the float32 ONNX with BuilderFlag.FP16 (no strongly "
+            "typed networks in this TensorRT): reductions, norms and the DFT block pinned to "
+            "float32, the rest fp16 or fp32 as TensorRT finds faster",
         )
     tf32 = ("TF32",) if hasattr(trt.BuilderFlag, "TF32") else ()
     why = ("float32 asked for" if not allow_fp16 else
-           "this TensorRT has neither BuilderFlag.FP16 nor a STRONGLY_TYPED network flag")
+           "this TensorRT has neither a STRONGLY_TYPED network flag nor BuilderFlag.FP16")
     return BuildPrecision("fp32", "weak", (), base, tf32, "float32", f"{why}: float32, no TF32")
 
 
@@ -103,11 +110,13 @@ def require_tensorrt() -> None:
 
 def optimization_profiles(manifest: dict[str, Any]) -> dict[str, dict[str, tuple[Any, ...]]]:
     """graph -> input name -> (min, opt, max) shapes: the token axis of a prefill, the past
-    length of a decode step (a prefill with the in-graph fourier block starts at its
-    ``2 k_s - 1`` rows)."""
+    length of a decode step. A prefill starts at one token even with the in-graph fourier block:
+    a prompt shorter than its ``2 k_s - 1`` rows gets a correct activation from the plan and
+    its block from the runner (:func:`fc_edge.engine.bundle.fourier_block_fallback`), as on
+    onnxruntime."""
     fourier = manifest.get("fourier")
-    s_min = fourier["prefill_min_seq_len"] if fourier else PREFILL_PROFILE[0]
-    prefill = (max(s_min, PREFILL_PROFILE[0]), max(s_min, PREFILL_PROFILE[1]), PREFILL_PROFILE[2])
+    s_opt = max(fourier["prefill_min_seq_len"] if fourier else 1, PREFILL_PROFILE[1])
+    prefill = (PREFILL_PROFILE[0], s_opt, PREFILL_PROFILE[2])
     past_names = [n for n in manifest["graphs"]["decode"]["inputs"] if n.startswith("past_")]
     n_kv, hd = manifest["num_kv_heads"], manifest["head_dim"]
     return {
@@ -154,6 +163,8 @@ def build_engines(
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ConfigError(f"TensorRT cannot parse {onnx_path}: {errors}")
+        if "OBEY_PRECISION_CONSTRAINTS" in precision.builder_flags:
+            out.setdefault("pinned_float32_layers", {})[graph] = pin_float32(trt, network)
         config = builder.create_builder_config()
         for flag in precision.builder_flags:
             config.set_flag(getattr(trt.BuilderFlag, flag))
@@ -173,6 +184,45 @@ def build_engines(
         out[graph] = path.name
     out["gpu"] = _gpu_name()
     return out
+
+
+#: Layers a weakly typed fp16 build keeps in float32: RMSNorm's square, mean and reciprocal
+#: square root, and softmax (a mean of squares of activations in the hundreds overflows fp16's
+#: 65504).
+_PINNED_LAYER_TYPES = ("REDUCE", "SOFTMAX", "NORMALIZATION")
+_PINNED_ELEMENTWISE = ("POW",)
+_PINNED_UNARY = ("SQRT", "RECIP", "RSQRT")
+
+
+def pin_float32(trt: Any, network: Any) -> int:
+    """Set float32 precision and output type on the layers of ``network`` that compute norm
+    statistics and softmax (see :data:`_PINNED_LAYER_TYPES`); the build's
+    ``OBEY_PRECISION_CONSTRAINTS`` makes TensorRT keep them. Returns how many were pinned.
+    The in-graph DFT block's matmuls are not recognisable by type: a weakly typed build may run
+    them in fp16 (a strongly typed one, TensorRT >= 9, does not)."""
+    kinds = {getattr(trt.LayerType, n) for n in _PINNED_LAYER_TYPES if hasattr(trt.LayerType, n)}
+    elementwise = {getattr(trt.ElementWiseOperation, n) for n in _PINNED_ELEMENTWISE
+                   if hasattr(trt.ElementWiseOperation, n)}
+    unary = {getattr(trt.UnaryOperation, n) for n in _PINNED_UNARY
+             if hasattr(trt.UnaryOperation, n)}
+    pinned = 0
+    # get_layer returns the base ILayer: its ``op`` needs the subclass (as polygraphy does)
+    subclass = {getattr(trt.LayerType, "ELEMENTWISE", None): "IElementWiseLayer",
+                getattr(trt.LayerType, "UNARY", None): "IUnaryLayer"}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        cls = getattr(trt, subclass.get(layer.type, ""), None)
+        if cls is not None and not isinstance(layer, cls):
+            layer.__class__ = cls
+        op = getattr(layer, "op", None)
+        if layer.type in kinds \
+                or (layer.type == trt.LayerType.ELEMENTWISE and op in elementwise) \
+                or (layer.type == trt.LayerType.UNARY and op in unary):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned += 1
+    return pinned
 
 
 def _gpu_name() -> str | None:

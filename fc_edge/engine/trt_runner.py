@@ -5,11 +5,13 @@
 >>> a = session.step(prompt_ids)        # (S, D) float32 CUDA tensor, like the torch head's
 >>> a = session.step(torch.tensor([7]))  # decode: (1, D)
 
-Each plan is deserialized once (:class:`TensorRTEngines`) with one execution context; a step
-binds named tensors (``set_input_shape`` / ``set_tensor_address``) to torch CUDA tensors and
-runs ``execute_async_v3`` on torch's current stream. The key/value cache stays on the GPU: each
-cache tensor of a session has two buffers of ``max_seq_len`` positions (separate allocations,
-so each is aligned as TensorRT wants), one holding the past
+Each plan is deserialized once (:class:`TensorRTEngines`) with one execution context and one
+CUDA stream of its own (on torch's default stream TensorRT would add synchronisations); a step
+prepares its inputs, binds named tensors (``set_input_shape`` / ``set_tensor_address``) to
+torch CUDA tensors and runs ``execute_async_v3``, all on that stream, then waits for it. The
+key/value cache stays on the GPU: each cache tensor of a session has two buffers of
+``max_seq_len`` positions (separate allocations, so each is aligned as TensorRT wants), one
+holding the past
 ``(1, n_kv, T, hd)`` and the other receiving the present ``(1, n_kv, T + S, hd)`` (contiguous
 views of their first elements), swapped after each step, so nothing is allocated or copied per
 step beyond what the graph itself does. Caches are in the plan's type (float16 for a strongly typed
@@ -21,6 +23,7 @@ fake ``tensorrt`` module that runs the ONNX graphs with onnxruntime (tests/engin
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -28,9 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fc_edge.engine.bundle import fourier_block_fallback, has_plans
 from fc_edge.engine.graphs import kv_names
-from fc_edge.engine.runner import step_ids
 from fc_edge.errors import ConfigError
+from fc_edge.models.head import check_max_seq_len, step_ids
 
 USE_ONNXRUNTIME = "or run the ONNX graphs with --engine-backend onnxruntime"
 # TensorRT wants tensor addresses aligned to 256 bytes; torch's CUDA allocator gives 512 to
@@ -111,6 +115,33 @@ class TensorRTGraph:
             raise ConfigError(f"TensorRT failed to run {self.path.name} ({what}; see its log)")
 
 
+def check_tensorrt_backend(folder: Path, manifest: dict[str, Any], trt: Any = None,
+                           gpu: bool = True) -> Any:
+    """What running the plans of ``folder`` needs, checked from files and the environment only
+    (nothing is deserialized): plans listed and present, ``tensorrt`` importable and of the
+    version that built them, a CUDA GPU (``gpu``). Raises :class:`ConfigError` (one line);
+    returns the tensorrt module (``trt``, a test's fake, when given)."""
+    if not has_plans(folder, manifest):
+        raise ConfigError(f"{folder} has no TensorRT plans: export it with --tensorrt on this "
+                          f"machine, {USE_ONNXRUNTIME}")
+    entry = manifest["tensorrt"]
+    if trt is None:
+        if importlib.util.find_spec("tensorrt") is None:
+            raise ConfigError("running TensorRT plans needs the tensorrt package (pip install "
+                              f"tensorrt, or JetPack's), {USE_ONNXRUNTIME}")
+        import tensorrt as trt
+    if entry.get("version") != trt.__version__:
+        raise ConfigError(
+            f"the plans in {folder} were built by TensorRT {entry.get('version')}, this is "
+            f"TensorRT {trt.__version__}: rebuild them here (fc-edge export --tensorrt), "
+            f"{USE_ONNXRUNTIME}"
+        )
+    if gpu and not torch.cuda.is_available():
+        raise ConfigError("the TensorRT backend needs a CUDA GPU and a CUDA build of torch "
+                          f"(torch.cuda.is_available() is False here), {USE_ONNXRUNTIME}")
+    return trt
+
+
 class TensorRTEngines:
     """The prefill and decode plans of an exported folder, ready to run.
 
@@ -126,28 +157,9 @@ class TensorRTEngines:
         trt: Any = None,
         device: torch.device | str | None = None,
     ) -> None:
-        from fc_edge.engine.runner import has_plans
-
-        entry = manifest.get("tensorrt")
-        if not has_plans(folder, manifest):
-            raise ConfigError(f"{folder} has no TensorRT plans: export it with --tensorrt on this "
-                              f"machine, {USE_ONNXRUNTIME}")
-        assert entry is not None
-        if trt is None:
-            if importlib.util.find_spec("tensorrt") is None:
-                raise ConfigError("running TensorRT plans needs the tensorrt package (pip install "
-                                  f"tensorrt, or JetPack's), {USE_ONNXRUNTIME}")
-            import tensorrt as trt
-        if entry.get("version") != trt.__version__:
-            raise ConfigError(
-                f"the plans in {folder} were built by TensorRT {entry.get('version')}, this is "
-                f"TensorRT {trt.__version__}: rebuild them here (fc-edge export --tensorrt), "
-                f"{USE_ONNXRUNTIME}"
-            )
+        trt = check_tensorrt_backend(folder, manifest, trt, gpu=device is None)
+        entry = manifest["tensorrt"]
         if device is None:
-            if not torch.cuda.is_available():
-                raise ConfigError("the TensorRT backend needs a CUDA GPU and a CUDA build of torch "
-                                  f"(torch.cuda.is_available() is False here), {USE_ONNXRUNTIME}")
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = torch.device(device)
         self.trt = trt
@@ -164,19 +176,31 @@ class TensorRTEngines:
                               "export the engine again")
         self.kv_dtype = decode.dtypes[self.past_names[0]]
         self.max_past = decode.profile[self.past_names[0]][1][2]
+        # the plans' own stream: TensorRT synchronises around work on the legacy default one
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def start(self, max_seq_len: int) -> TensorRTSession:
         return TensorRTSession(self, max_seq_len)
 
     def stream(self) -> int:
-        """torch's current CUDA stream as the handle TensorRT takes (0 off the GPU)."""
-        if self.device.type != "cuda":
-            return 0
-        return int(torch.cuda.current_stream(self.device).cuda_stream)
+        """The plans' CUDA stream as the handle TensorRT takes (0 off the GPU)."""
+        return int(self._stream.cuda_stream) if self._stream is not None else 0
 
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+    def on_stream(self) -> Any:
+        """A context in which torch's work goes to the plans' stream, after what the caller's
+        stream has queued (a no-op off the GPU)."""
+        if self._stream is None:
+            return contextlib.nullcontext()
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self._stream)
+
+    def hand_over(self, t: Tensor) -> Tensor:
+        """Wait for the plans' stream, and tell torch's allocator that ``t`` is used on the
+        caller's stream from now on (so its memory is not reused under a pending read)."""
+        if self._stream is not None:
+            self._stream.synchronize()
+            t.record_stream(torch.cuda.current_stream(self.device))
+        return t
 
 
 class TensorRTSession:
@@ -186,14 +210,11 @@ class TensorRTSession:
 
     def __init__(self, engines: TensorRTEngines, max_seq_len: int) -> None:
         m = engines.manifest
-        if max_seq_len < 1:
-            raise ConfigError(f"max_seq_len must be at least 1, got {max_seq_len}")
-        limit = min(int(m.get("max_seq_len", max_seq_len)), engines.max_past + 1)
-        if max_seq_len > limit:
-            raise ConfigError(
-                f"the TensorRT plans run at most {limit} positions (decode profile up to "
-                f"{engines.max_past} past ones), asked for {max_seq_len}"
-            )
+        check_max_seq_len(max_seq_len)
+        check_max_seq_len(max_seq_len, min(int(m.get("max_seq_len", max_seq_len)),
+                                           engines.max_past + 1),
+                          f"the TensorRT plans (decode profile up to {engines.max_past} past "
+                          "positions) run")
         self.engines = engines
         self.max_seq_len = max_seq_len
         self.position = 0
@@ -217,23 +238,26 @@ class TensorRTSession:
 
     def step(self, input_ids: Tensor) -> Tensor:
         """Run tokens ``input_ids`` (S,) long at the next S positions; returns (S, D) float32 on
-        the GPU, after the plans have finished (so the caller's head timing is the head's)."""
+        the GPU, after the plans' stream has finished (so the caller's head timing is the
+        head's, and the caller's stream may read it at once)."""
         ids = step_ids(input_ids, self.position, self.max_seq_len)
         s = ids.shape[0]
-        ids = ids.to(self.engines.device)
-        if self.position == 0:
-            rows = [self._run("prefill", ids)]
-            fourier = self.engines.manifest.get("fourier")
-            if fourier and s < fourier["prefill_min_seq_len"]:
-                # outside the graph's block shapes: the same block from the activation
-                from fc_edge.ops import spectral_compress
-
-                k_s = min(fourier["k_s"], s // 2 + 1)
-                self.last_block = spectral_compress(rows[0], k_s, fourier["k_d"])
-        else:
-            rows = [self._run("decode", ids[i : i + 1]) for i in range(s)]
-        self.engines.synchronize()
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+        e = self.engines
+        with e.on_stream():
+            ids = ids.to(e.device)
+            if self.position == 0:
+                rows = [self._run("prefill", ids)]
+                # a prompt shorter than the block's 2 k_s - 1 rows: the graph's block output is
+                # undefined there, so the block comes from the activation
+                block = fourier_block_fallback(rows[0][None], e.manifest.get("fourier"))
+                if block is not None:
+                    self.last_block = block
+            else:
+                rows = [self._run("decode", ids[i : i + 1]) for i in range(s)]
+            out = rows[0] if len(rows) == 1 else torch.cat(rows)
+        if self.last_block is not None:
+            e.hand_over(self.last_block)
+        return e.hand_over(out)
 
     def _run(self, graph: str, ids: Tensor) -> Tensor:
         e = self.engines

@@ -9,27 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from fc_edge.errors import ConfigError
-
-
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
-def _float_list(text: str | None, what: str) -> list[float] | None:
-    if not text:
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}") from None
+from fc_edge.eval.options import add_threads_arg, apply_threads, float_list, int_list
 
 
 def add_parser(sub: Any) -> None:
     from fc_edge.cli import add_codec_args, add_model_args
     from fc_edge.eval.tasks import TASKS
+    from fc_edge.paths import shared_dir
 
     p = sub.add_parser(
         "eval", help="accuracy on multiple-choice tasks (or perplexity) with a codec at the split",
@@ -54,8 +40,15 @@ def add_parser(sub: Any) -> None:
                    "qr); overrides --ratio")
     p.add_argument("--limit", type=int, default=None, help="first N items per task (N documents "
                    "with --perplexity)")
-    p.add_argument("--perplexity", type=Path, default=None, metavar="FILE",
-                   help="teacher-forced perplexity on FILE (one document per line) instead")
+    p.add_argument("--perplexity", type=Path, default=None, metavar="FILE", nargs="?",
+                   const=shared_dir() / "texts" / "dev.txt",
+                   help="teacher-forced perplexity on FILE (one document per line; default "
+                   "../shared/texts/dev.txt) instead")
+    p.add_argument("--documents", default="all", choices=("all", "evaluation", "tuning",
+                                                          "calibration"),
+                   help="perplexity: which documents of FILE: all, or one part of the split of "
+                   "texts/dev.txt (evaluation = the first 400, the published figures' documents; "
+                   "calibration = the last 600, what calibrated codecs are fit on)")
     p.add_argument("--per-token", action="store_true",
                    help="perplexity: code every token row as its own (1, D) message, exactly "
                    "what decode steps send (default: one message per document, the prefill)")
@@ -66,6 +59,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--records", type=Path, default=None, metavar="FILE",
                    help="append every item (document) to FILE as JSON lines as it is scored; "
                    "the same command with the same FILE resumes after the ones already there")
+    p.add_argument("--reuse", type=Path, default=None, metavar="FILE",
+                   help="accuracy: take the --reuse-settings' scores of every item from FILE (the "
+                   "records of an earlier run of the same tasks) and score only the other "
+                   "settings; `none` among them reuses the uncompressed model's scores")
+    p.add_argument("--reuse-settings", default="", metavar="LIST",
+                   help="accuracy: the settings taken from --reuse FILE, e.g. none or "
+                   "none,fourier[ratio=8]")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="also write markdown + CSV tables and PNG plots here")
     p.add_argument("--batch-items", type=int, default=32,
@@ -81,21 +81,6 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def add_threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 is much faster on a "
-                   "machine whose cores are busy with other work")
-
-
-def apply_threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
-
-        if args.threads < 1:
-            raise ConfigError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-
-
 def settings_from_args(args: argparse.Namespace) -> list[Any]:
     from fc_edge.cli import codec_kwargs
     from fc_edge.eval.settings import build_settings
@@ -105,16 +90,18 @@ def settings_from_args(args: argparse.Namespace) -> list[Any]:
         raise ConfigError("give --codec or --codecs, not both")
     if args.codec and args.codec.startswith("none"):
         specs = "none"
-    return build_settings(specs, codec_kwargs(args), _float_list(args.ratios, "--ratios"))
+    return build_settings(specs, codec_kwargs(args), float_list(args.ratios, "--ratios"))
 
 
 def run(args: argparse.Namespace) -> int:
     from fc_edge.eval import report
-    from fc_edge.eval.runner import evaluate, perplexity
+    from fc_edge.eval.accuracy import evaluate
+    from fc_edge.eval.perplexity import perplexity
+    from fc_edge.eval.settings import split_specs
 
     apply_threads(args)
     settings = settings_from_args(args)
-    layers = _int_list(args.split_layer, "--split-layer")
+    layers = int_list(args.split_layer, "--split-layer")
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be >= 1")
     from fc_edge.devices import device_name, resolve_device
@@ -130,14 +117,16 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.perplexity is not None:
         res = perplexity(model, tokenizer, args.perplexity, settings, layers, args.limit,
-                         args.max_tokens, progress, log, args.per_token, args.records)
+                         args.max_tokens, progress, log, args.per_token, args.records,
+                         args.documents)
         table = report.perplexity_markdown(res)
         rows = report.perplexity_rows(res)
     else:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         res = evaluate(model, tokenizer, tasks, settings, layers, args.limit, args.data_dir,
                        progress=progress, log=log, records=args.records,
-                       batch_items=args.batch_items, batch_tokens=args.batch_tokens)
+                       batch_items=args.batch_items, batch_tokens=args.batch_tokens,
+                       reuse=args.reuse, reuse_settings=split_specs(args.reuse_settings))
         table = report.accuracy_markdown(res)
         rows = report.accuracy_rows(res)
         t = res["timing"]

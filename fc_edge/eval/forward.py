@@ -44,6 +44,30 @@ class LayerStack:
             raise ConfigError(f"split layer must be in 1..{self.num_layers - 1} for this model, "
                               f"got {layer}")
 
+    def split_layers(self, layers: Sequence[int]) -> list[int]:
+        """``layers`` checked (each in 1..N-1, at least one), sorted, each once."""
+        if not layers:
+            raise ConfigError("give at least one split layer")
+        for L in layers:
+            self.check_split(L)
+        return sorted(set(int(L) for L in layers))
+
+    def forward_keeping(self, ids: Tensor, layers: Sequence[int], to_end: bool = True
+                        ) -> tuple[Tensor, dict[str, Any], dict[int, Tensor]]:
+        """The uncompressed forward of ids (B, S), keeping the activation after each split layer
+        in ``layers`` (sorted). Returns (final hidden states (B, S, D), the pass's context,
+        {L: activation (B, S, D)}); a codec then reruns only the layers after its split from
+        ``kept[L]``. ``to_end`` False stops after the deepest split layer (the hidden states
+        returned are then that layer's)."""
+        h, ctx = self.start(ids)
+        kept: dict[int, Tensor] = {}
+        prev = 0
+        for L in layers:
+            h = self.run(h, ctx, prev, L)
+            kept[L] = h
+            prev = L
+        return (self.run(h, ctx, prev, self.num_layers) if to_end else h), ctx, kept
+
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device

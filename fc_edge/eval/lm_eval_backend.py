@@ -83,7 +83,7 @@ class FcEdgeLM(LM):
 
     def _score(self, seqs: list[list[int]], starts: list[int]) -> list[tuple[float, bool]]:
         from fc_edge.eval.forward import pad_batch
-        from fc_edge.eval.runner import send_rows
+        from fc_edge.eval.multiple_choice import send_prefills
 
         eos = self.tokenizer.eos_token_id
         ids, lengths = pad_batch(seqs, eos if eos is not None else 0)
@@ -91,7 +91,7 @@ class FcEdgeLM(LM):
         with torch.inference_mode():
             h, ctx = self.stack.start(ids)
             h = self.stack.run(h, ctx, 0, self.split_layer)
-            h = send_rows(self.setting, h, lengths, None)
+            h = send_prefills(self.setting, h, lengths)
             h = self.stack.run(h, ctx, self.split_layer, self.stack.num_layers)
             for r, (n, s) in enumerate(zip(lengths, starts, strict=True)):
                 pos = torch.arange(s - 1, n - 1)

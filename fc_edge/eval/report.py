@@ -1,4 +1,5 @@
-"""Tables (markdown, CSV) and plots (PNG) of :func:`fc_edge.eval.runner.evaluate` results."""
+"""Tables (markdown, CSV) and plots (PNG) of :func:`fc_edge.eval.accuracy.evaluate` and
+:func:`fc_edge.eval.perplexity.perplexity` results."""
 
 from __future__ import annotations
 

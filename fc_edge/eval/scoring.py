@@ -14,8 +14,9 @@ Ties go to the first choice (``argmax``), as in lm-evaluation-harness (numpy ``a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -85,6 +86,64 @@ class ItemScore:
 
 
 @dataclass
+class Traffic:
+    """The messages one setting sent (for an item, a document or a whole task): how many, their
+    bytes on the wire and as float32, their summed relative error ``||A - Â|| / ||A||``, and how
+    many the codec could not code at its budget (sent as float16 instead, counted at that size).
+
+    A records file keeps it per item under the keys of :meth:`record` (``bytes``, ``raw``,
+    ``err``, ``seqs``, ``fb``), the format of every run so far.
+    """
+
+    messages: int = 0
+    sent: int = 0          # bytes on the wire
+    raw: int = 0           # float32 bytes of the same activations
+    error_sum: float = 0.0
+    fallbacks: int = 0
+
+    def add(self, sent: int, raw: int, rel_error: float, fell_back: bool = False) -> None:
+        """One message of ``sent`` bytes (``raw`` as float32) with relative error ``rel_error``."""
+        self.messages += 1
+        self.sent += int(sent)
+        self.raw += int(raw)
+        self.error_sum += float(rel_error)
+        self.fallbacks += int(fell_back)
+
+    def merge(self, other: Traffic) -> None:
+        self.messages += other.messages
+        self.sent += other.sent
+        self.raw += other.raw
+        self.error_sum += other.error_sum
+        self.fallbacks += other.fallbacks
+
+    @classmethod
+    def uncompressed(cls, rows: Sequence[int], hidden: int) -> Traffic:
+        """Messages of ``rows[i]`` float32 rows of ``hidden`` values each, sent as they are."""
+        raw = sum(int(n) * hidden * 4 for n in rows)
+        return cls(messages=len(rows), sent=raw, raw=raw)
+
+    def record(self) -> dict[str, int | float]:
+        return {"bytes": self.sent, "raw": self.raw, "err": self.error_sum,
+                "seqs": self.messages, "fb": self.fallbacks}
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> Traffic:
+        return cls(messages=int(rec["seqs"]), sent=int(rec["bytes"]), raw=int(rec["raw"]),
+                   error_sum=float(rec["err"]), fallbacks=int(rec["fb"]))
+
+    def result(self) -> dict[str, float | int]:
+        s = max(self.messages, 1)
+        return {
+            "bytes": self.sent / s,            # mean bytes sent per message
+            "raw_bytes": self.raw / s,         # mean float32 bytes per message
+            "byte_ratio": self.raw / self.sent if self.sent else 1.0,
+            "rel_error": self.error_sum / s,
+            "sequences": self.messages,
+            "budget_fallbacks": self.fallbacks,
+        }
+
+
+@dataclass
 class Tally:
     """Running sums over the items of one (task, setting); :meth:`result` gives the means."""
 
@@ -94,11 +153,7 @@ class Tally:
     agree: float = 0.0
     agree_norm: float = 0.0
     kl: float = 0.0
-    sequences: int = 0
-    bytes_sent: int = 0
-    raw_bytes: int = 0           # float32 bytes of the same activations
-    budget_fallbacks: int = 0    # sequences the codec could not code at its budget (sent raw)
-    error_sum: float = 0.0       # summed relative reconstruction error over the sequences
+    traffic: Traffic = field(default_factory=Traffic)
 
     def add(self, score: ItemScore, ref: ItemScore | None) -> None:
         self.n += 1
@@ -109,19 +164,8 @@ class Tally:
             self.agree_norm += float(score.pred_norm == ref.pred_norm)
             self.kl += kl_divergence(ref.logliks, score.logliks)
 
-    def add_bytes(self, sent: int, raw: int, rel_error: float, fallback: bool = False,
-                  sequences: int = 1) -> None:
-        """``sequences`` messages of ``sent`` bytes in all (``raw`` as float32), with summed
-        relative error ``rel_error`` and ``fallback`` of them sent as fp16."""
-        self.sequences += sequences
-        self.bytes_sent += sent
-        self.raw_bytes += raw
-        self.budget_fallbacks += int(fallback)
-        self.error_sum += rel_error
-
     def result(self) -> dict[str, float | int]:
         n = max(self.n, 1)
-        s = max(self.sequences, 1)
         return {
             "n": self.n,
             "acc": self.acc / n,
@@ -129,12 +173,7 @@ class Tally:
             "agreement": self.agree / n,
             "agreement_norm": self.agree_norm / n,
             "kl": self.kl / n,
-            "bytes": self.bytes_sent / s,            # mean bytes sent per scored sequence
-            "raw_bytes": self.raw_bytes / s,         # mean float32 bytes per scored sequence
-            "byte_ratio": self.raw_bytes / self.bytes_sent if self.bytes_sent else 1.0,
-            "rel_error": self.error_sum / s,
-            "sequences": self.sequences,
-            "budget_fallbacks": self.budget_fallbacks,
+            **self.traffic.result(),
         }
 
 

@@ -23,13 +23,15 @@ reproduces exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 N_RESAMPLES = 10_000
 SEED = 12345
+#: The per-item key holding the choice each metric picks (its agreement compares these).
+PRED = {"acc": "pred", "acc_norm": "pred_norm"}
 
 
 def lm_eval_stderr(values: Sequence[float]) -> float:
@@ -74,19 +76,28 @@ def mcnemar_exact(ref_correct: Sequence[float], codec_correct: Sequence[float]
 
 def _bootstrap(data: tuple[np.ndarray, ...], statistic: Any, paired: bool, level: float,
                n_resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile interval of ``statistic`` (scipy.stats.bootstrap). Every resample must give
+    a finite value: a non-finite one (e.g. a ratio over a resample with nothing in it) would make
+    scipy's percentiles NaN, so it raises ValueError instead of passing for an interval. A
+    resample distribution that is one value (every draw the same) is that point."""
     import warnings
 
     from scipy.stats import bootstrap
 
-    point = float(statistic(*data, axis=-1))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a degenerate (constant) resample distribution
+        warnings.simplefilter("ignore")  # scipy warns about a degenerate distribution; see below
         res = bootstrap(data, statistic, paired=paired, vectorized=True, confidence_level=level,
                         n_resamples=n_resamples, method="percentile",
                         rng=np.random.default_rng(seed))
+    dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
+    bad = int(np.sum(~np.isfinite(dist)))
+    if bad:
+        raise ValueError(f"bootstrap: {bad} of {dist.size} resamples gave a non-finite "
+                         "statistic; no interval")
+    if np.all(dist == dist.flat[0]):
+        v = float(dist.flat[0])
+        return (v, v)
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if math.isnan(lo) or math.isnan(hi):  # every resample gave the same value
-        return (point, point)
     return (lo, hi)
 
 
@@ -123,16 +134,25 @@ def delta_acc_ci(per_task_diffs: Mapping[str, Sequence[float]], level: float = 0
 
 
 def delta_ppl_ci(ref_nll: Sequence[float], codec_nll: Sequence[float], tokens: Sequence[int],
-                 level: float = 0.95, n_resamples: int = N_RESAMPLES, seed: int = SEED
-                 ) -> tuple[float, float]:
+                 level: float = 0.95, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                 clusters: Sequence[Hashable] | None = None) -> tuple[float, float]:
     """Interval of the relative perplexity change (a fraction: 0.01 = +1%), documents resampled
     in pairs. ``*_nll``: per document summed negative log-likelihood (nats); ``tokens``: scored
-    tokens per document."""
+    tokens per document. ``clusters``: per document a key (e.g. a digest of its text); the
+    documents of one key are resampled together (a cluster bootstrap), so copies of one text
+    do not count as independent documents."""
     r = np.asarray(ref_nll, dtype=np.float64)
     c = np.asarray(codec_nll, dtype=np.float64)
     n = np.asarray(tokens, dtype=np.float64)
     if not (r.size == c.size == n.size) or r.size == 0:
         raise ValueError("per-document arrays must be non-empty and of one length")
+    if clusters is not None:
+        if len(clusters) != r.size:
+            raise ValueError(f"{len(clusters)} cluster keys for {r.size} documents")
+        # the statistic is a ratio of sums, so a cluster is its documents' sums
+        index = {k: i for i, k in enumerate(dict.fromkeys(clusters))}
+        of = np.asarray([index[k] for k in clusters])
+        r, c, n = (np.bincount(of, weights=v, minlength=len(index)) for v in (r, c, n))
 
     def rel(r_: np.ndarray, c_: np.ndarray, n_: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.expm1((c_.sum(axis=axis) - r_.sum(axis=axis)) / n_.sum(axis=axis))
@@ -153,11 +173,14 @@ def accuracy_comparison(ref: Mapping[str, Sequence[Mapping[str, Any]]],
                         metric: str = "acc", level: float = 0.95) -> dict[str, Any]:
     """Every paired statistic of ``other`` against ``ref`` from per-item records.
 
-    ``ref[task]`` / ``other[task]``: per item a dict with ``metric`` (0/1) and ``pred`` (the
-    chosen index). Returns ``delta`` (mean over tasks, a fraction), ``delta_ci95``,
-    ``mcnemar_p`` (with ``discordant`` = [b, c]), ``agreement`` over all items with
-    ``agreement_ci95``, and per task ``stderr`` (lm-eval style) of both settings.
+    ``ref[task]`` / ``other[task]``: per item a dict with ``metric`` (0/1) and the index the
+    metric chooses (``pred`` for acc, ``pred_norm`` for acc_norm: :data:`PRED`). Returns
+    ``delta`` (mean over the tasks that have items, a fraction; ``tasks_scored`` says how many),
+    ``delta_ci95`` (over the same tasks), ``mcnemar_p`` (with ``discordant`` = [b, c]),
+    ``agreement`` over all items with ``agreement_ci95`` (the two settings choose the same answer
+    under ``metric``), and per task ``stderr`` (lm-eval style) of both settings.
     """
+    pred = PRED[metric]
     diffs: dict[str, list[float]] = {}
     r_all: list[float] = []
     o_all: list[float] = []
@@ -172,7 +195,7 @@ def accuracy_comparison(ref: Mapping[str, Sequence[Mapping[str, Any]]],
         diffs[task] = [o - r for o, r in zip(ov, rv, strict=True)]
         r_all += rv
         o_all += ov
-        a = sum(int(x["pred"] == y["pred"]) for x, y in zip(r_items, o_items, strict=True))
+        a = sum(int(x[pred] == y[pred]) for x, y in zip(r_items, o_items, strict=True))
         agree += a
         n += len(r_items)
         per_task[task] = {"n": len(rv), "ref": float(np.mean(rv)) if rv else float("nan"),
@@ -180,9 +203,11 @@ def accuracy_comparison(ref: Mapping[str, Sequence[Mapping[str, Any]]],
                           "ref_stderr": lm_eval_stderr(rv), "stderr": lm_eval_stderr(ov),
                           "delta": float(np.mean(diffs[task])) if rv else float("nan")}
     mc = mcnemar_exact(r_all, o_all)
-    lo, hi = delta_acc_ci(diffs, level)
-    return {"metric": metric, "n": n,
-            "delta": float(np.mean([v["delta"] for v in per_task.values()])),
+    scored = [t for t, v in diffs.items() if v]  # a task with no item has no mean to average
+    lo, hi = delta_acc_ci({t: diffs[t] for t in scored}, level)
+    return {"metric": metric, "n": n, "tasks_scored": len(scored),
+            "delta": (float(np.mean([per_task[t]["delta"] for t in scored])) if scored
+                      else float("nan")),
             "delta_ci95": [lo, hi], "mcnemar_p": mc["p"], "discordant": [mc["b"], mc["c"]],
             "agreement": agree / n if n else float("nan"),
             "agreement_ci95": list(proportion_ci(agree, n, level)), "tasks": per_task}

@@ -183,3 +183,16 @@ def encode_item(item: Item, encode: Callable[[str], list[int]], prefix_id: int |
         # lm-evaluation-harness divides by len(choice): characters, no leading delimiter space
         nchars.append(len(item.continuations[len(seqs) - 1].removeprefix(" ")))
     return Encoded(tuple(seqs), tuple(starts), tuple(nchars))
+
+
+def token_encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int | None]:
+    """(text -> token ids without special tokens, the end-of-sequence id or None) of a Hugging
+    Face tokenizer; a model without one cannot be scored on text (ConfigError)."""
+    if tokenizer is None:
+        raise ConfigError("evaluation needs a tokenizer: this model has none (synthetic models "
+                          "cannot be scored on text)")
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return encode, getattr(tokenizer, "eos_token_id", None)

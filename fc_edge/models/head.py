@@ -1,4 +1,4 @@
-"""The device head: token embedding + decoder layers[:L] of a Llama / Qwen2 model.
+"""The device head: token embedding + decoder layers[:L] of a model the decoder supports.
 
 The layers are :mod:`fc_edge.models.decoder`'s (the same the server's tail runs), loaded from a
 Hugging Face state dict and checked against the Hugging Face model's hidden states.
@@ -34,6 +34,7 @@ from fc_edge.models.decoder import (
     DecoderConfig,
     DecoderLayer,
     concat_kv,
+    embed,
     rope_inv_freq,
     run_layers,
     static_kv,
@@ -41,7 +42,7 @@ from fc_edge.models.decoder import (
 
 
 class Head(nn.Module):
-    """Embedding + the first ``layer`` decoder layers of a Llama / Qwen2 model (see module doc).
+    """Embedding + the first ``layer`` decoder layers of a model (see the module doc).
 
     Build it with :func:`fc_edge.models.split.split` or :meth:`from_hf`. Attributes: ``config``
     (the Hugging Face config), ``layer`` (= ``num_layers``, the split point L), ``hidden_size``
@@ -52,13 +53,17 @@ class Head(nn.Module):
         super().__init__()
         self.decoder_config = cfg
         self.config = hf_config
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # no random init: the weights always come from a checkpoint, and torch's normal_ on the
+        # meta device (where heads are built) loads its symbolic-shape machinery, about 50 MB of
+        # a device's memory
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     @classmethod
     def from_hf(cls, model: Any, layer: int) -> Head:
-        """The head of a Hugging Face ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` cut after
+        """The head of a Hugging Face causal LM of one of the decoder's families cut after
         ``layer`` decoder layers; the weights are copied (the head is independent of ``model``)."""
         cfg = DecoderConfig.from_hf(model.config, layer)
         source = model.model
@@ -132,7 +137,7 @@ class Head(nn.Module):
         a query at position p sees the key slots j <= p (and j > p - W in a sliding-window
         layer; the cache keeps every slot). Returns the activation in float32 and, in the
         export form (``write_at`` None), each layer's attended keys and values ([] otherwise)."""
-        x = self.embed_tokens(input_ids)
+        x = embed(self.embed_tokens, self.decoder_config, input_ids)
         n_past = past_k.shape[3] if write_at is None else write_at
 
         def kv(i: int):
@@ -159,8 +164,7 @@ class HeadSession:
     """
 
     def __init__(self, head: Head, max_seq_len: int) -> None:
-        if max_seq_len < 1:
-            raise ConfigError(f"max_seq_len must be at least 1, got {max_seq_len}")
+        check_max_seq_len(max_seq_len)
         self.head = head
         self.max_seq_len = max_seq_len
         self.position = 0
@@ -168,16 +172,8 @@ class HeadSession:
 
     def step(self, input_ids: Tensor) -> Tensor:
         """Run tokens ``input_ids`` (S,) long at the next S positions; returns (S, D) float32."""
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
-        s = input_ids.shape[0]
-        if s == 0:
-            raise ConfigError("step needs at least one token")
-        start, end = self.position, self.position + s
-        if end > self.max_seq_len:
-            raise ConfigError(
-                f"the session holds {self.max_seq_len} positions; {s} more token(s) at position "
-                f"{start} do not fit: start a session with a larger max_seq_len"
-            )
+        input_ids = step_ids(input_ids, self.position, self.max_seq_len)
+        start, end = self.position, self.position + input_ids.shape[0]
         device = self.k_cache.device
         with torch.inference_mode():
             ids = input_ids.to(device)[None]
@@ -185,3 +181,27 @@ class HeadSession:
             x, _, _ = self.head.run_layers(ids, positions, self.k_cache, self.v_cache, start)
         self.position = end
         return x[0]
+
+
+def step_ids(input_ids: Tensor, position: int, max_seq_len: int) -> Tensor:
+    """A session step's tokens as a flat (S,) long CPU tensor, refused (one line) when empty or
+    when the S positions after ``position`` overflow the session's ``max_seq_len``: the one
+    check of a step, for this head and the engine runners alike."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).cpu()
+    s = ids.shape[0]
+    if s == 0:
+        raise ConfigError("step needs at least one token")
+    if position + s > max_seq_len:
+        raise ConfigError(
+            f"the session holds {max_seq_len} positions; {s} more token(s) at position "
+            f"{position} do not fit: start a session with a larger max_seq_len"
+        )
+    return ids
+
+
+def check_max_seq_len(max_seq_len: int, limit: int | None = None, what: str = "") -> None:
+    """:class:`ConfigError` unless 1 <= ``max_seq_len`` (<= ``limit``, which ``what`` names)."""
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+        raise ConfigError(f"max_seq_len must be an integer >= 1, got {max_seq_len!r}")
+    if limit is not None and max_seq_len > limit:
+        raise ConfigError(f"{what}: at most {limit} positions, asked for {max_seq_len}")

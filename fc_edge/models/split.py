@@ -16,10 +16,13 @@ from typing import Any
 import torch
 
 from fc_edge.errors import ConfigError, ModelError
+from fc_edge.models.decoder import FAMILIES, DecoderConfig, channel_gains
+from fc_edge.models.defaults import DEFAULT_SPLIT_LAYER  # noqa: F401  (re-exported)
 from fc_edge.models.head import Head
 from fc_edge.models.tail import Tail
 
-SUPPORTED_FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+#: The Hugging Face classes the decoder implements (:data:`fc_edge.models.decoder.FAMILIES`).
+SUPPORTED_FAMILIES = tuple(FAMILIES.values())
 
 
 def check_supported(model: Any) -> None:
@@ -36,7 +39,13 @@ def check_split(model: Any, layer: int) -> None:
     for an unsupported family, :class:`ConfigError` unless ``layer`` is in 1..num_hidden_layers-1.
     """
     check_supported(model)
-    n = model.config.num_hidden_layers
+    check_split_layer(model.config, layer)
+
+
+def check_split_layer(config: Any, layer: int) -> None:
+    """:class:`ConfigError` unless ``layer`` is an integer in 1..num_hidden_layers-1 of
+    ``config`` (a Hugging Face config: checked before any weight is read)."""
+    n = config.num_hidden_layers
     if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n - 1:
         raise ConfigError(
             f"split layer must be an integer in 1..{n - 1} for this model, got {layer!r}"
@@ -45,8 +54,8 @@ def check_split(model: Any, layer: int) -> None:
 
 def split(model: Any, layer: int) -> tuple[Head, Tail]:
     """The head (embedding + layers[:layer], our own modules with copied weights) and the tail
-    (layers[layer:] + norm + lm_head, our own modules over ``model``'s weight tensors) of a Llama
-    or Qwen2 causal LM.
+    (layers[layer:] + norm + lm_head, our own modules over ``model``'s weight tensors) of a
+    causal LM of one of :data:`SUPPORTED_FAMILIES`.
 
     Raises as :func:`check_split` does.
     """
@@ -58,13 +67,13 @@ def channel_weights(model, layer: int) -> torch.Tensor:
     """``(D,)`` importance of each hidden channel of the activation sent after ``layer`` layers.
 
     The RMS, over the decoder layers after the split, of their input RMSNorm gains: a channel that
-    later layers scale down tolerates more noise. Used to shape the ``rotated`` codec's noise.
+    later layers scale down tolerates more noise. Used to shape the ``rotated`` codec's noise
+    (:func:`fc_edge.models.decoder.channel_gains`; a device without the tail's weights reads the
+    same gains from the checkpoint).
     """
     check_split(model, layer)
-    layers = model.model.layers[layer:]
-    gains = torch.stack([blk.input_layernorm.weight.detach().float() for blk in layers])
-    w = gains.square().mean(dim=0).sqrt()
-    return w.clamp_min(1e-3 * float(w.max()))
+    cfg = DecoderConfig.from_hf(model.config, model.config.num_hidden_layers)
+    return channel_gains([blk.input_layernorm.weight for blk in model.model.layers[layer:]], cfg)
 
 
 def bind_codec(codec, model, layer: int):

@@ -40,10 +40,11 @@ from fc_edge.errors import ConfigError, FcEdgeError
 from fc_edge.models.decoder import (
     DecoderConfig,
     DecoderLayer,
-    RMSNorm,
     concat_kv,
+    norm,
     rope_inv_freq,
     run_layers,
+    softcap,
 )
 
 #: Positions per KV block.
@@ -300,9 +301,11 @@ class PagedKVCache:
         return self._staging.to_device(host)
 
 
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, groups: int) -> Tensor:
-    """softmax(q k^T / sqrt(hd) + mask) v for one attention group, grouped-query attention
-    without copying keys per query head.
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, groups: int,
+                      scale: float | None = None, cap: float | None = None) -> Tensor:
+    """softmax(cap(q k^T * scale) + mask) v for one attention group, grouped-query attention
+    without copying keys per query head (``scale`` None: 1 / sqrt(hd); ``cap`` None: no soft
+    cap).
 
     ``q`` (kv_heads, n, groups * S, hd) (query head ``kv * groups + i`` at ``[kv, :, i * S +
     s]``), ``k``, ``v`` (kv_heads, n, L, hd), ``visible`` (n, S, L) bool ->
@@ -311,7 +314,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, groups: 
     """
     kvh, n, gs, hd = q.shape
     s, length = visible.shape[1], visible.shape[2]
-    scores = torch.matmul(q, k.transpose(2, 3)) * (hd**-0.5)
+    scores = softcap(torch.matmul(q, k.transpose(2, 3)) * (scale or hd**-0.5), cap)
     scores = scores.view(kvh, n, groups, s, length).masked_fill(~visible[None, :, None],
                                                                  float("-inf"))
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -349,7 +352,8 @@ class _PagedLayer:
             rows = q[0, :, row : row + n * s]  # (H, n * s, hd)
             if fast:
                 qg = rows.reshape(kvh, g, n, s, hd).transpose(1, 2).reshape(kvh, n, g * s, hd)
-                out = grouped_attention(qg, kg, vg, visible, g)
+                out = grouped_attention(qg, kg, vg, visible, g, getattr(module, "scale", None),
+                                        getattr(module, "softcap", None))
                 outs.append(out.view(kvh, n, g, s, hd).permute(1, 3, 0, 2, 4)
                             .reshape(n * s, n_heads * hd))
             else:  # the layer's own attend (a family whose attention the fast path does not know)
@@ -373,7 +377,7 @@ class Tail(nn.Module):
         self.config = hf_config
         self.layer = layer
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self._fast_attention: bool | None = None
@@ -441,7 +445,9 @@ class Tail(nn.Module):
                 ref = module.attend(q, k, v, visible[:, None])
                 qg = q.transpose(0, 1).reshape(kvh, heads // kvh, n, s, hd).transpose(1, 2)
                 got = grouped_attention(qg.reshape(kvh, n, -1, hd), k.transpose(0, 1),
-                                        v.transpose(0, 1), visible, heads // kvh)
+                                        v.transpose(0, 1), visible, heads // kvh,
+                                        getattr(module, "scale", None),
+                                        getattr(module, "softcap", None))
                 got = got.view(kvh, n, heads // kvh, s, hd).transpose(0, 1).reshape(ref.shape)
                 self._fast_attention = bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-5))
             except Exception:  # noqa: BLE001 - any doubt: the layer's own attend
@@ -455,7 +461,7 @@ class Tail(nn.Module):
                             self.device, block_size)
 
     def _logits(self, h: Tensor) -> Tensor:
-        return self.lm_head(self.norm(h)).float()
+        return softcap(self.lm_head(self.norm(h)), self.decoder_config.final_softcap).float()
 
     def forward(self, activation: Tensor) -> Tensor:
         """activation (B, S, D) at positions 0..S-1, no cache -> logits (B, S, V) float32."""

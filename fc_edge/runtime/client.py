@@ -1,12 +1,22 @@
 """The device client: runs the head, compresses each activation and streams it to the server.
 
->>> client = DeviceClient("127.0.0.1:50051", "smollm2-135m", split_layer=8, codec="fourier")
+>>> client = DeviceClient("127.0.0.1:50051", "smollm2-135m", split_layer=1, codec="rotated")
 >>> result = client.generate("The capital of France is", max_new_tokens=16)
 >>> result.text, result.tpot_s, result.steps[0].bytes_up
 
-The head is anything with ``start(max_seq_len) -> session`` whose ``session.step(ids (S,) long)``
-returns the ``(S, D)`` activation (:class:`HeadRunner`): by default our
-:class:`~fc_edge.models.head.Head`, and an exported engine can be dropped in with ``head=``.
+Given a model spec, the client reads only what a device runs
+(:mod:`fc_edge.models.checkpoint`): the config first, then the servers are asked for their
+``Info`` (a server that cannot be reached, that splits elsewhere or serves another model fails
+here, before any weight is read), then the embedding, layers[:L] and the tokenizer. The head is
+anything with ``start(max_seq_len) -> session`` whose ``session.step(ids (S,) long)`` returns
+the ``(S, D)`` activation (:class:`HeadRunner`): by default our
+:class:`~fc_edge.models.head.Head`; an exported bundle's engine comes as a
+:class:`~fc_edge.models.checkpoint.DeviceHead` (:func:`fc_edge.engine.open_bundle`).
+
+A codec that cannot code a step as configured (it refuses the shape and the step goes as fp16,
+or it clamps a parameter, or its payload is no smaller than fp16's) is reported once per
+client through ``on_warning`` (default: a :class:`CodecFallbackWarning`); ``strict=True``
+makes each of them an error instead.
 
 Several servers (``"a:50051,b:50051"``) spread sessions: each :meth:`DeviceClient.generate` opens
 its session on the next server of the list (from a random start). When a server goes away in the
@@ -17,11 +27,13 @@ step is timed as phase ``recovered`` (docs/deploy.md, "When a server or replica 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import queue
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,12 +44,13 @@ from torch import Tensor
 
 from fc_edge.codecs import Codec, get_codec, wire
 from fc_edge.errors import BudgetError, ConfigError, FcEdgeError
+from fc_edge.models.checkpoint import Checkpoint, DeviceHead, ModelCheckpoint, open_checkpoint
+from fc_edge.models.defaults import DEFAULT_CODEC
 from fc_edge.runtime.proto import pb2, pb2_grpc
 from fc_edge.runtime.protocol import (
     FALLBACK_CODEC,
     activation_frame,
     close_frame,
-    default_split_layer,
     open_frame,
 )
 from fc_edge.runtime.sampling import SamplingConfig
@@ -66,11 +79,22 @@ class HeadRunner(Protocol):
 
 _USE_MODEL = object()  # eos_token_id default: the model's own
 
+# codecs whose payload is by design no smaller than float16's (no warning for that)
+_UNCOMPRESSED = ("identity",)
+# parameters a codec clips to the activation's shape, under the same name on the wire
+_CLAMPED = {"fourier": ("k_s", "k_d"), "topk": ("k",), "svd": ("rank",), "qr": ("rank",),
+            "rotated": ("keep",)}
+
+
+class CodecFallbackWarning(UserWarning):
+    """A step was not coded as the codec was configured: sent as fp16, a parameter clamped,
+    or a payload no smaller than float16's."""
+
 #: Sessions lost to a dead server that one generation may recover from, by default.
 DEFAULT_MAX_RECOVERIES = 3
 LB_POLICIES = ("pick_first", "round_robin")
 # gRPC target schemes whose target may itself name several addresses (kept whole, not split)
-_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 # what a server that went away looks like when it is not reported as UNAVAILABLE: a stream reset
 # by a dying peer, or Ray Serve's gRPC proxy reporting that the replica's actor died (INTERNAL)
 _GONE_MARKS = ("RST_STREAM", "Stream removed", "Socket closed", "Connection reset",
@@ -91,7 +115,7 @@ def split_servers(address: str | Sequence[str]) -> list[str]:
     (its channel resolves and balances the addresses itself)."""
     if isinstance(address, str):
         text = address.strip()
-        parts = [text] if text.startswith(_SCHEMES) else text.split(",")
+        parts = [text] if text.startswith(GRPC_SCHEMES) else text.split(",")
     else:
         parts = list(address)
     servers = [p.strip() for p in parts if p.strip()]
@@ -112,35 +136,64 @@ def _recoverable(e: grpc.RpcError) -> bool:
 
 class _Lost(Exception):
     """A session ended by its server going away; ``at`` is when the client noticed (perf_counter
-    seconds), ``error`` the RPC error."""
+    seconds), ``error`` the RPC error, ``opened`` whether the session had opened."""
 
-    def __init__(self, error: grpc.RpcError, at: float) -> None:
+    def __init__(self, error: grpc.RpcError, at: float, opened: bool = True) -> None:
         super().__init__(str(error))
         self.error = error
         self.at = at
+        self.opened = opened
+
+
+def _why(e: grpc.RpcError) -> str:
+    """A short reason a server could not be reached (gRPC's details are a paragraph)."""
+    details = (e.details() if hasattr(e, "details") else "") or ""
+    for short in ("Connection refused", "Deadline Exceeded", "Name resolution failure",
+                  "DNS resolution failed", "No route to host", "Network is unreachable"):
+        if short.lower() in details.lower():
+            return short.lower()
+    code = _code(e)
+    return details or (code.name if code is not None else "unknown")
+
+
+def _code(e: grpc.RpcError) -> grpc.StatusCode | None:
+    return e.code() if hasattr(e, "code") else None
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, CodecFallbackWarning, stacklevel=4)
+
+
+def _is_model(x: Any) -> bool:
+    return hasattr(x, "config") and hasattr(x, "state_dict")
 
 
 class DeviceClient:
     """A device that runs ``model``'s layers[:split_layer] and talks to one or more servers.
 
     ``address`` is ``HOST:PORT``, several separated by commas (or a list), or one gRPC target
-    such as ``dns:///edge.example:50051`` (see :func:`split_servers`). ``model_spec_or_model``
-    is a spec for ``load_model``, a model, or a ``(model, tokenizer)`` pair; it may be ``None``
-    when ``head`` and ``fingerprint`` are given. ``codec`` is a codec or a registry name / alias
-    (the label shown in timings). ``token`` is the servers' bearer token; ``tls_ca`` a PEM file
-    of the CA that signed their certificates (turns on TLS). ``max_recoveries`` bounds the
-    sessions one generation may lose to a dead server and resume elsewhere (0: none);
+    such as ``dns:///edge.example:50051`` (see :func:`split_servers`). ``model_spec_or_model`` is
+    a model spec (read lazily: see the module doc), a
+    :class:`~fc_edge.models.checkpoint.DeviceHead` (an exported bundle), a model, or a
+    ``(model, tokenizer)`` pair; it may be ``None`` when ``head`` and ``fingerprint`` are given.
+    ``split_layer`` None is :data:`~fc_edge.models.split.DEFAULT_SPLIT_LAYER`. ``codec`` is a
+    codec or a registry name / alias (the label shown in timings). ``token`` is the servers'
+    bearer token; ``tls_ca`` a PEM file of the CA that signed their certificates (turns on TLS).
+    ``max_recoveries`` bounds the sessions one generation may lose to a dead server and resume
+    elsewhere (0: none); a server that refuses the first connection of a client is not retried
+    (the next of the list is tried, and when none answers the error is immediate).
     ``lb_policy`` is gRPC's load-balancing policy of each channel (``round_robin`` spreads the
     sessions of one target over all the addresses its name resolves to). Sessions go round the
-    list from server ``first_server`` (default: a random one).
+    list from server ``first_server`` (default: a random one). ``strict`` and ``on_warning``:
+    see the module doc.
     """
 
     def __init__(
         self,
         address: str | Sequence[str],
         model_spec_or_model: Any,
-        split_layer: int | None,
-        codec: Codec | str = "identity",
+        split_layer: int | None = None,
+        codec: Codec | str = DEFAULT_CODEC,
         token: str | None = None,
         tls_ca: str | Path | None = None,
         *,
@@ -154,6 +207,8 @@ class DeviceClient:
         max_recoveries: int = DEFAULT_MAX_RECOVERIES,
         lb_policy: str | None = None,
         first_server: int | None = None,
+        strict: bool = False,
+        on_warning: Callable[[str], None] | None = None,
     ) -> None:
         self.servers = split_servers(address)
         if isinstance(max_recoveries, bool) or not isinstance(max_recoveries, int) \
@@ -163,62 +218,113 @@ class DeviceClient:
             raise ConfigError(f"lb_policy must be one of {', '.join(LB_POLICIES)}, "
                               f"got {lb_policy!r}")
         self.max_recoveries = max_recoveries
-        model = model_spec_or_model
-        if isinstance(model, (str, Path)):
-            from fc_edge.models.pretrained import load_model
-
-            model, loaded_tok = load_model(str(model))
-            tokenizer = tokenizer if tokenizer is not None else loaded_tok
-        elif isinstance(model, tuple):
-            model, pair_tok = model
-            tokenizer = tokenizer if tokenizer is not None else pair_tok
-        if model is None and (head is None or fingerprint is None):
-            raise ConfigError("DeviceClient needs a model, or both head= and fingerprint=")
-        self.model = model
-        self.tokenizer = tokenizer
-        if split_layer is None:
-            if model is None:
-                raise ConfigError("give split_layer when the head is not built from a model")
-            split_layer = default_split_layer(model)
-        self.split_layer = split_layer
-        if head is None:
-            from fc_edge.models.split import split
-
-            head, _ = split(model, layer=split_layer)
-            if device is not None or dtype is not None:
-                from fc_edge.devices import resolve_device, resolve_dtype
-
-                place = resolve_device(device)
-                head = head.to_device(place, resolve_dtype(dtype, place))
-        elif device is not None or dtype is not None:
-            raise ConfigError("device= and dtype= place a head built from the model; an engine "
-                              "head runs where it was built")
-        self.head: HeadRunner = head
-        if fingerprint is None:
-            from fc_edge.models.pretrained import model_fingerprint
-
-            fingerprint = model_fingerprint(model)
-        self.fingerprint = fingerprint
+        self.strict = strict
+        self.on_warning = on_warning or _warn
+        self._warned: set[Any] = set()
         if isinstance(codec, str):
             self.codec_label = codec
-            self.codec = get_codec(codec)
+            self.codec = get_codec(codec)  # a wrong name fails before anything is read
         else:
             self.codec = codec
             self.codec_label = codec.name
-        # Bind the codec to the model's channel weights (noise shaping for `rotated`); the
-        # server registers the same vector for the model it serves.
-        weights = getattr(head, "channel_weights", None)
-        if weights is None and model is not None:
-            from fc_edge.models.split import channel_weights
-
-            weights = channel_weights(model, split_layer)
-        self.codec.bind(weights)
-        self.fallback = get_codec(FALLBACK_CODEC)
-        self._refused_rows: set[int] = set()
-        self.device = _device_of(head, model)
         self.timeout_s = timeout_s
         self.address = ",".join(self.servers)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._open_channels(tls_ca, tls_server_name, lb_policy)
+        # sessions go round the list from a random server, so that many devices that each
+        # run one generation still spread over the servers
+        if first_server is None:
+            first_server = random.randrange(len(self.servers))
+        self._turn = itertools.count(first_server)
+        self._reached: set[int] = set()  # servers that opened a session for this client
+        try:
+            dh = self._device_head(model_spec_or_model, split_layer, tokenizer, head,
+                                   fingerprint, device, dtype)
+        except BaseException:
+            self.close()
+            raise
+        if fingerprint is not None:  # what the device claims to hold (tests force others)
+            dh = dataclasses.replace(dh, fingerprint=fingerprint)
+        self.device_head = dh
+        self.model = model_spec_or_model if _is_model(model_spec_or_model) else None
+        if isinstance(model_spec_or_model, tuple):
+            self.model = model_spec_or_model[0]
+        self.tokenizer = dh.tokenizer
+        self.split_layer = dh.split_layer
+        self.head: HeadRunner = dh.head
+        self.fingerprint = dh.fingerprint
+        self.eos_token_ids = dh.eos_token_ids
+        # Bind the codec to the model's channel weights (noise shaping for `rotated`); the
+        # server registers the same vector for the model it serves.
+        self.codec.bind(dh.channel_weights)
+        self.fallback = get_codec(FALLBACK_CODEC)
+        self._refused_rows: set[int] = set()
+        self.device = _device_of(dh.head)
+
+    def _device_head(self, source: Any, split_layer: int | None, tokenizer: Any,
+                     head: HeadRunner | None, fingerprint: str | None, device: Any,
+                     dtype: Any) -> DeviceHead:
+        """The head and what the device agrees on with the server, from any accepted source;
+        from files, the servers are checked before the weights are read."""
+        from fc_edge.models.defaults import DEFAULT_SPLIT_LAYER
+
+        if isinstance(source, DeviceHead):
+            if head is not None or device is not None or dtype is not None:
+                raise ConfigError("a DeviceHead comes with its head: drop head=, device=, dtype=")
+            if split_layer not in (None, source.split_layer):
+                raise ConfigError(f"split_layer {split_layer}, but the head was made for "
+                                  f"layer {source.split_layer}")
+            if tokenizer is not None:
+                source.tokenizer = tokenizer
+            return source
+        if head is not None:
+            if device is not None or dtype is not None:
+                raise ConfigError("device= and dtype= place a head built from the model; an "
+                                  "engine head runs where it was built")
+            if source is None and fingerprint is None:
+                raise ConfigError("DeviceClient needs a model, or both head= and fingerprint=")
+            if split_layer is None:
+                raise ConfigError("give split_layer when the head is not built from a model")
+            ckpt = self._checkpoint(source, tokenizer) if source is not None else None
+            weights = getattr(head, "channel_weights", None)
+            if weights is None and ckpt is not None:
+                weights = ckpt.channel_weights(split_layer)
+            return DeviceHead(
+                head=head, split_layer=split_layer,
+                fingerprint=fingerprint or (ckpt.fingerprint() if ckpt else ""),
+                hidden_size=int(getattr(head, "hidden_size", 0) or
+                                (ckpt.hidden_size if ckpt else 0)),
+                channel_weights=weights,
+                tokenizer=tokenizer if tokenizer is not None
+                else (ckpt.tokenizer() if ckpt else None),
+                eos_token_ids=ckpt.eos_token_ids() if ckpt else [], source="head=")
+        if source is None:
+            raise ConfigError("DeviceClient needs a model, or both head= and fingerprint=")
+        ckpt = self._checkpoint(source, tokenizer)
+        layer = DEFAULT_SPLIT_LAYER if split_layer is None else split_layer
+        if split_layer is None and hasattr(ckpt, "split_layer"):
+            layer = ckpt.split_layer  # a bundle's own
+        ckpt.check_split_layer(layer)
+        ckpt.check_placement(device, dtype)
+        if not isinstance(ckpt, ModelCheckpoint):
+            # weights come from files: make sure a server will take them before reading them
+            self.check_servers(ckpt.fingerprint(), layer)
+        return ckpt.device_head(layer, device, dtype)
+
+    @staticmethod
+    def _checkpoint(source: Any, tokenizer: Any) -> Checkpoint:
+        if isinstance(source, Checkpoint):
+            return source
+        if isinstance(source, (str, Path)):
+            return open_checkpoint(source)
+        if isinstance(source, tuple):
+            model, pair_tok = source
+            return ModelCheckpoint(model, tokenizer if tokenizer is not None else pair_tok,
+                                   type(model).__name__)
+        return ModelCheckpoint(source, tokenizer, type(source).__name__)
+
+    def _open_channels(self, tls_ca: str | Path | None, tls_server_name: str | None,
+                       lb_policy: str | None) -> None:
         options = [("grpc.max_send_message_length", -1),
                    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                    # notice a server that vanished (no FIN) within ~50 s instead of never
@@ -240,11 +346,45 @@ class DeviceClient:
                          else grpc.insecure_channel(a, options) for a in self.servers]
         self.stubs = [pb2_grpc.SplitInferenceStub(c) for c in self.channels]
         self.channel, self.stub = self.channels[0], self.stubs[0]
-        # sessions go round the list from a random server, so that many devices that each
-        # run one generation still spread over the servers
-        if first_server is None:
-            first_server = random.randrange(len(self.servers))
-        self._turn = itertools.count(first_server)
+
+    def check_servers(self, fingerprint: str | None = None,
+                      split_layer: int | None = None) -> list[Any]:
+        """Ask every server for its ``Info`` (one try each, no retry) and check that it serves
+        ``fingerprint`` split at ``split_layer`` (when given). Servers that cannot be reached are
+        reported through ``on_warning`` when another one answers; raises :class:`SessionError`
+        (UNAVAILABLE) when none does, :class:`ConfigError` on a mismatch. Returns the answers
+        (``ServerInfo``, or None for a server that did not answer or has no ``Info``)."""
+        infos: list[Any] = []
+        down: list[str] = []
+        for i, address in enumerate(self.servers):
+            try:
+                info = self.stubs[i].Info(pb2.InfoRequest(), metadata=self.metadata,
+                                          timeout=self.timeout_s or 10)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    infos.append(None)
+                    continue
+                err = _rpc_error(e)
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    down.append(f"{address} ({_why(e)})")
+                    infos.append(None)
+                    continue
+                raise SessionError(err.code, f"{address}: {err.details}") from None
+            if split_layer is not None and info.split_layer != split_layer:
+                raise ConfigError(f"the server at {address} splits after layer "
+                                  f"{info.split_layer}, not {split_layer}: give --split-layer "
+                                  f"{info.split_layer} (or serve layer {split_layer})")
+            if fingerprint and info.model_fingerprint and info.model_fingerprint != fingerprint:
+                raise ConfigError(f"the server at {address} serves another model (fingerprint "
+                                  f"{info.model_fingerprint}, this device's {fingerprint})")
+            infos.append(info)
+        if len(down) == len(self.servers):
+            raise SessionError(grpc.StatusCode.UNAVAILABLE,
+                               "cannot reach " + ("the server " if len(down) == 1
+                                                  else "any server: ") + ", ".join(down))
+        for what in down:
+            self._warn_once(("down", what), f"cannot reach the server {what}; using the others")
+        return infos
 
     # --- plumbing -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -289,20 +429,16 @@ class DeviceClient:
         return out
 
     def default_eos(self) -> list[int]:
-        """EOS ids of the model's generation config (or its tokenizer)."""
-        eos = None
-        gen = getattr(self.model, "generation_config", None)
-        if gen is not None:
-            eos = gen.eos_token_id
-        if eos is None and self.tokenizer is not None:
-            eos = self.tokenizer.eos_token_id
-        if eos is None:
-            return []
-        return [int(eos)] if isinstance(eos, int) else [int(t) for t in eos]
+        """EOS ids of the model's generation config (or its config, or its tokenizer)."""
+        if self.eos_token_ids:
+            return list(self.eos_token_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None
+        return [] if eos is None else [int(eos)]
 
     def _encode(self, a: Tensor) -> tuple[bytes, str, float, float]:
         """Payload bytes, codec label, encode seconds, pack seconds. Falls back to fp16 for a
-        shape the session codec refuses (BudgetError), e.g. svd / qr on a one-row decode step."""
+        shape the session codec refuses (BudgetError), e.g. svd / qr on a one-row decode step,
+        with one warning (an error when ``strict``)."""
         rows = a.shape[0]
         codec, label = self.codec, self.codec_label
         if rows in self._refused_rows:
@@ -310,13 +446,49 @@ class DeviceClient:
         with stage("encode", self.device) as t_enc:
             try:
                 enc = codec.encode(a)
-            except BudgetError:
+            except BudgetError as e:
+                if self.strict:
+                    raise BudgetError(f"{e} (strict: no {FALLBACK_CODEC} fallback)") from None
                 self._refused_rows.add(rows)
+                self._warn_once(("fallback", rows == 1),
+                                f"{label} cannot code a {rows}-row step ({e}); sending "
+                                f"{'such steps' if rows == 1 else 'it'} as {FALLBACK_CODEC}")
                 codec, label = self.fallback, FALLBACK_CODEC
                 enc = codec.encode(a)
         with stage("pack", self.device) as t_pack:
             payload = wire.pack(enc)
+        if codec is self.codec:
+            self._check_coded(enc, len(payload), rows, a.shape[-1])
         return payload, label, t_enc.seconds, t_pack.seconds
+
+    def _check_coded(self, enc: Any, n_bytes: int, rows: int, width: int) -> None:
+        """Warn (or, when ``strict``, raise :class:`BudgetError`) when the codec clamped a
+        configured parameter for this shape, or sent no fewer bytes than float16 would."""
+        config = self.codec.config()
+        for key in _CLAMPED.get(self.codec.name, ()):
+            want, sent = config.get(key), enc.params.get(key)
+            if isinstance(want, int) and not isinstance(want, bool) and sent is not None \
+                    and want != sent:
+                self._problem(("clamp", key, rows == 1),
+                              f"{self.codec_label}: {key}={want} is clamped to {sent} for a "
+                              f"({rows}, {width}) step (the activation's shape allows no more)")
+        fp16 = rows * width * 2
+        if n_bytes >= fp16 and self.codec.name not in _UNCOMPRESSED \
+                and config.get("bits") != 16:
+            self._problem(("size", rows == 1),
+                          f"{self.codec_label} sends {n_bytes} bytes for a ({rows}, {width}) "
+                          f"step, no fewer than float16's {fp16}: lower its parameters or "
+                          "use fp16")
+
+    def _problem(self, key: Any, message: str) -> None:
+        if self.strict:
+            raise BudgetError(f"{message} (strict)")
+        self._warn_once(key, message)
+
+    def _warn_once(self, key: Any, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.on_warning(message)
 
     # --- generation ---------------------------------------------------------------------------
     def generate(
@@ -363,12 +535,24 @@ class DeviceClient:
         server = next(self._turn) % len(self.servers)
         lost_at: float | None = None
         lost = 0
+        refused: dict[int, str] = {}  # servers that refused a first connection: not retried
         while True:
             try:
                 session_id = self._session(server, ids, max_new_tokens, sampling, eos, tokens,
                                            steps, lost_at, on_token)
                 break
             except _Lost as e:
+                if not e.opened and not tokens and server not in self._reached \
+                        and _code(e.error) == grpc.StatusCode.UNAVAILABLE:
+                    # never reached: a server that is not running is reported at once
+                    refused[server] = f"{self.servers[server]} ({_why(e.error)})"
+                    untried = [i for i in range(len(self.servers)) if i not in refused]
+                    if not untried:
+                        raise SessionError(grpc.StatusCode.UNAVAILABLE, "cannot reach " + (
+                            "the server " if len(refused) == 1 else "any server: ")
+                            + ", ".join(refused.values())) from None
+                    server = min(untried, key=lambda i: (i - server) % len(self.servers))
+                    continue
                 if lost >= self.max_recoveries:
                     err = _rpc_error(e.error)
                     raise SessionError(err.code, f"{err.details}; gave up after {lost} "
@@ -412,6 +596,7 @@ class DeviceClient:
             outbox.put(opening)
             ready = next(call)
             session_id = ready.ready.session_id
+            self._reached.add(server)
             hs = self.head.start(max_seq_len)
             step_ids = torch.cat([ids, torch.tensor(tokens, dtype=torch.long)]) if tokens \
                 else ids
@@ -451,7 +636,7 @@ class DeviceClient:
                 return session_id  # every token is in; the server went away while closing
             if _recoverable(e) or (not session_id and len(self.servers) > 1
                                    and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED):
-                raise _Lost(e, time.perf_counter()) from None
+                raise _Lost(e, time.perf_counter(), opened=bool(session_id)) from None
             raise _rpc_error(e) from None
         except StopIteration:
             raise SessionError(None, "the server ended the stream early") from None
@@ -466,10 +651,9 @@ class DeviceClient:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def _device_of(head: Any, model: Any) -> torch.device:
-    for obj in (head, model):
-        params = getattr(obj, "parameters", None)
-        if callable(params):
-            for p in params():
-                return p.device
+def _device_of(head: Any) -> torch.device:
+    params = getattr(head, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
     return torch.device("cpu")

@@ -11,8 +11,18 @@ import threading
 import time
 from typing import Any
 
-from fc_edge.cli import add_codec_args, add_model_args, codec_kwargs
+from fc_edge.cli import (
+    MODEL_HELP,
+    add_codec_args,
+    add_model_args,
+    codec_kwargs,
+    port_number,
+    server_list,
+)
 from fc_edge.errors import ConfigError
+from fc_edge.models.defaults import DEFAULT_CODEC, DEFAULT_MODEL, DEFAULT_SPLIT_LAYER
+
+ENGINE_BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 DEMO_CODECS = "identity,fourier,int8,rotated"
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
@@ -25,7 +35,7 @@ def add_parser(subparsers: Any) -> None:
     add_model_args(p)
     _add_split_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
-    p.add_argument("--port", type=int, default=50051, help="port (0: pick a free one)")
+    p.add_argument("--port", type=port_number, default=50051, help="port (0: pick a free one)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--token", default=os.environ.get("FC_EDGE_TOKEN"),
@@ -92,19 +102,28 @@ def add_parser(subparsers: Any) -> None:
 
     g = subparsers.add_parser(
         "generate", help="generate with the head here and the tail on a server",
-        description="Run layers[:L] here, compress each activation, finish on `fc-edge serve`.")
-    add_model_args(g)
+        description="Run layers[:L] here, compress each activation, finish on `fc-edge serve`. "
+        "Only the embedding, layers[:L] and the tokenizer are read (or an exported bundle); the "
+        "server is asked first, so a wrong address, split or model fails before any weight "
+        "loads. The text goes to stdout as tokens arrive; the stage table to stderr.")
+    g.add_argument("--model", default=None,
+                   help=f"{MODEL_HELP} (default: {DEFAULT_MODEL}; not with --engine)")
     _add_split_arg(g)
-    g.add_argument("--engine", default=None,
-                   help="run the head from an exported engine folder (see `fc-edge export`)")
-    g.add_argument("--engine-backend", choices=("auto", "onnxruntime", "tensorrt"),
-                   default="auto",
-                   help="what runs --engine: its TensorRT plans or the ONNX graphs with "
-                   "onnxruntime (default auto: the plans where tensorrt and a CUDA GPU are)")
-    g.add_argument("--server", required=True,
+    g.add_argument("--engine", default=None, metavar="DIR",
+                   help="run the head from an exported bundle (`fc-edge export`) alone: its "
+                   "weights, graphs, tokenizer and manifest")
+    g.add_argument("--engine-backend", choices=ENGINE_BACKENDS, default="auto",
+                   help="what runs --engine: its TensorRT plans, its ONNX graphs with "
+                   "onnxruntime, or its weights with torch (auto: the plans where tensorrt and a "
+                   "CUDA GPU are, else onnxruntime where installed, else torch)")
+    g.add_argument("--server", required=True, type=server_list,
                    help="HOST:PORT of `fc-edge serve`; several as A,B,C spread sessions and "
                    "recover onto each other; or one gRPC target (dns:///NAME:PORT)")
-    _add_device_args(g, "the head")
+    g.add_argument("--device", default=None,
+                   help="where the head runs: cpu, cuda or cuda:N (default: cpu; an engine runs "
+                   "where its backend does)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="precision of the head (default: float32)")
     g.add_argument("--max-recoveries", type=int, default=3,
                    help="sessions lost to a dead server that are resumed on the next one by "
                    "replaying the tokens so far (0: fail at once)")
@@ -113,13 +132,16 @@ def add_parser(subparsers: Any) -> None:
                    "addresses a DNS name resolves to)")
     g.add_argument("--prompt", required=True, help="prompt text (tokenized as is)")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     _add_sampling_args(g)
     g.add_argument("--token", default=os.environ.get("FC_EDGE_TOKEN"),
                    help="the server's bearer token (default: $FC_EDGE_TOKEN)")
     g.add_argument("--tls-ca", help="PEM CA certificate of the server: connect with TLS")
     g.add_argument("--tls-server-name", help="expected name in the server's certificate")
-    add_codec_args(g, default="fourier")
+    g.add_argument("--strict", action="store_true",
+                   help="fail instead of warning when the codec cannot code a step as set "
+                   "(a fallback to fp16, a clamped parameter, a payload no smaller than fp16)")
+    add_codec_args(g, default=DEFAULT_CODEC)
     g.set_defaults(func=cmd_generate)
 
     d = subparsers.add_parser(
@@ -129,10 +151,10 @@ def add_parser(subparsers: Any) -> None:
     add_model_args(d)
     _add_split_arg(d)
     _add_device_args(d, "the head and the tail")
-    d.add_argument("--prompt", default=DEMO_PROMPT)
+    d.add_argument("--prompt", default=DEMO_PROMPT, help="the prompt of every codec")
     d.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the model's chat template when it has one (default: yes)")
-    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--max-new-tokens", type=int, default=32, help="tokens per codec at most")
     d.add_argument("--codecs", default=DEMO_CODECS,
                    help=f"comma-separated codec names (default: {DEMO_CODECS}); codec "
                    "parameters are each codec's defaults")
@@ -141,7 +163,8 @@ def add_parser(subparsers: Any) -> None:
 
 def _add_split_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-layer", type=int, default=None,
-                   help="L: the device runs layers[:L] (default: 1)")
+                   help=f"L: the device runs layers[:L] (default: {DEFAULT_SPLIT_LAYER}; a "
+                   "bundle's own)")
 
 
 def _add_device_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -303,8 +326,9 @@ def format_info(info: Any) -> str:
 
 # --- generate ---------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
+    import sys
+
     from fc_edge.codecs import get_codec
-    from fc_edge.models.pretrained import load_model
     from fc_edge.runtime.client import DeviceClient
     from fc_edge.runtime.sampling import SamplingConfig
     from fc_edge.runtime.timing import stage_table
@@ -312,36 +336,73 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_tokens(args.max_new_tokens)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.sample_seed)
-    kwargs = codec_kwargs(args)
-    codec: Any = get_codec(args.codec, **kwargs) if kwargs else args.codec
-    if isinstance(codec, str):
-        get_codec(codec)  # a wrong name fails here, before the model loads
-    head = fingerprint = None
+    codec = get_codec(args.codec, **codec_kwargs(args))  # a wrong codec fails before anything
+    label = args.codec if not codec_kwargs(args) else codec.name
+    source: Any
     if args.engine:
-        from fc_edge.engine import EngineHead
+        if args.model is not None:
+            raise ConfigError("--engine runs an exported bundle: drop --model")
+        from fc_edge.engine import open_bundle
 
-        head = EngineHead(args.engine, backend=args.engine_backend)
-        if args.split_layer not in (None, head.layer):
-            raise ConfigError(f"--split-layer {args.split_layer}, but {args.engine} was exported "
-                              f"at layer {head.layer}")
-        args.split_layer, fingerprint = head.layer, head.fingerprint
-    model, tokenizer = load_model(args.model)  # the tokenizer and EOS ids
-    with DeviceClient(args.server, (model, tokenizer), args.split_layer, codec,
+        source = open_bundle(args.engine, backend=args.engine_backend)
+    else:
+        if args.engine_backend != "auto":
+            raise ConfigError("--engine-backend chooses what runs --engine: give --engine DIR")
+        source = args.model or DEFAULT_MODEL
+
+    def warn(message: str) -> None:
+        print(f"fc-edge generate: warning: {message}", file=sys.stderr, flush=True)
+
+    with DeviceClient(args.server, source, args.split_layer, codec,
                       token=args.token, tls_ca=args.tls_ca,
-                      tls_server_name=args.tls_server_name, head=head,
-                      fingerprint=fingerprint, device=args.device, dtype=args.dtype,
-                      max_recoveries=args.max_recoveries, lb_policy=args.lb_policy) as client:
+                      tls_server_name=args.tls_server_name, device=args.device,
+                      dtype=args.dtype, max_recoveries=args.max_recoveries,
+                      lb_policy=args.lb_policy, strict=args.strict, on_warning=warn) as client:
+        client.codec_label = label
+        printer = TokenPrinter(client.tokenizer)
         result = client.generate(args.prompt, args.max_new_tokens, sampling=sampling,
-                                 chat=args.chat)
-    print(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
-    print()
-    print(stage_table(result))
+                                 chat=args.chat, on_token=printer)
+        printer.finish()
+    print(stage_table(result), file=sys.stderr)
     print(f"\n{len(result.token_ids)} tokens, time to first token {result.ttft_s * 1e3:.1f} ms, "
           f"time per output token {result.tpot_s * 1e3:.2f} ms (median), "
           f"{result.bytes_up} bytes up, {result.bytes_down} bytes down, "
           f"session {result.session_id}"
-          + (f", {result.recoveries} recovered" if result.recoveries else ""))
+          + (f", {result.recoveries} recovered" if result.recoveries else ""), file=sys.stderr)
     return 0
+
+
+class TokenPrinter:
+    """``on_token`` for :meth:`DeviceClient.generate`: writes the text to ``out`` as tokens
+    arrive (the whole generation decoded each time, so tokens that merge into one character
+    print together; an unfinished UTF-8 sequence waits), or the ids without a tokenizer."""
+
+    def __init__(self, tokenizer: Any, out: Any = None) -> None:
+        import sys
+
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.tokens: list[int] = []
+        self.printed = ""
+
+    def __call__(self, index: int, token_id: int, session_id: str) -> None:
+        self.tokens.append(token_id)
+        if self.tokenizer is None:
+            self.out.write(("" if index == 0 else " ") + str(token_id))
+        else:
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd") or not text.startswith(self.printed):
+                return
+            self.out.write(text[len(self.printed):])
+            self.printed = text
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            if text.startswith(self.printed):
+                self.out.write(text[len(self.printed):])
+        self.out.write("\n")
+        self.out.flush()
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -376,9 +437,9 @@ def run_demo(model: Any, tokenizer: Any, codecs: list[str], prompt: str | list[i
     Returns ``{codec name: GenerationResult}`` in the order given.
     """
     from fc_edge.runtime.client import DeviceClient
-    from fc_edge.runtime.server import default_split_layer, start_server
+    from fc_edge.runtime.server import start_server
 
-    layer = split_layer if split_layer is not None else default_split_layer(model)
+    layer = split_layer if split_layer is not None else DEFAULT_SPLIT_LAYER
     chat = chat and isinstance(prompt, str) and tokenizer is not None \
         and bool(getattr(tokenizer, "chat_template", None))
     results: dict[str, Any] = {}

@@ -10,20 +10,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from fc_edge.models.defaults import DEFAULT_SPLIT_LAYER
 from fc_edge.runtime.proto import pb2
 
 PROTOCOL_VERSION = 1
 SERVICE_NAME = "fc_edge.v1.SplitInference"
 #: Codec accepted for any step the session codec refuses for its shape (BudgetError).
 FALLBACK_CODEC = "fp16"
-#: The split used when none is given: after the first decoder layer (the paper's split, the one
-#: docs/results.md measures). Both ends default to it, so the defaults agree.
-DEFAULT_SPLIT_LAYER = 1
 
 
 def default_split_layer(model: Any = None) -> int:
-    """The split layer used when none is given (:data:`DEFAULT_SPLIT_LAYER`, whatever the
-    model)."""
+    """The split layer used when none is given
+    (:data:`fc_edge.models.defaults.DEFAULT_SPLIT_LAYER`, the device's too, whatever the model).
+    """
     del model
     return DEFAULT_SPLIT_LAYER
 

@@ -4,10 +4,12 @@ The oracle is the CPU implementation (:mod:`fc_edge.codecs.entropy`): payloads m
 for byte. Three levels, so most of it runs on a machine without a GPU:
 
 - the kernel source compiles with nvcc to PTX for Jetson Orin (sm_87) and H100 (sm_90);
-- the same source, compiled by g++ with tests/codecs/cupy_host_shim.cpp, runs under a host
+- the same source, compiled by g++ with tests/codecs/cupy_host_shim.cpp (each warp's 32 lanes
+  run as fibers that meet at every shuffle), runs under a host
   :class:`~fc_edge.codecs.cupy_rotated.Runner` (numpy arrays, ctypes launches): every kernel's
   output equals the numba loop's, and ``RotatedCodec`` driven through ``DeviceRows`` (the GPU
   path's orchestration, rate control included) gives the very same Encoded;
+- the CPU cutoff: which sizes go to the GPU coder, and that below it no kernel runs;
 - on a CUDA GPU with CuPy (skipped otherwise): CuPy encode == CPU encode, decode == decode.
 """
 
@@ -21,7 +23,9 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -33,7 +37,7 @@ from hypothesis import strategies as st
 from fc_edge import ops
 from fc_edge.codecs import cupy_rotated, entropy, get_codec, transform
 from fc_edge.codecs.base import Encoded
-from fc_edge.errors import WireError
+from fc_edge.errors import ConfigError, WireError
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = Path(__file__).with_name("cupy_host_shim.cpp")
@@ -90,14 +94,22 @@ def test_kernels_do_not_depend_on_flush_to_zero(tmp_path: Path) -> None:
 
 
 def _nvrtc() -> ctypes.CDLL | None:
-    """libnvrtc: $FC_EDGE_NVRTC, the nvidia-cuda-nvrtc wheel's, or the system's."""
+    """libnvrtc: $FC_EDGE_NVRTC, the nvidia-cuda-nvrtc wheel's (CUDA 13: nvidia/cu13/lib; 12:
+    nvidia/cuda_nvrtc/lib), or the system's. Its builtins library beside it is loaded first, so
+    NVRTC finds it without LD_LIBRARY_PATH."""
     candidates = [os.environ.get("FC_EDGE_NVRTC")]
     spec = importlib.util.find_spec("nvidia")
     for root in list(spec.submodule_search_locations or []) if spec else []:
-        candidates += sorted(glob.glob(os.path.join(root, "cuda_nvrtc", "lib", "libnvrtc.so*")))
+        candidates += sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so*")))
     candidates.append(ctypes.util.find_library("nvrtc"))
     for path in candidates:
         if path:
+            folder = os.path.dirname(path)
+            for builtins in sorted(glob.glob(os.path.join(folder, "libnvrtc-builtins.so*"))):
+                try:
+                    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+                except OSError:
+                    pass
             try:
                 return ctypes.CDLL(path)
             except OSError:
@@ -110,7 +122,7 @@ def test_kernel_source_compiles_with_nvrtc() -> None:
     --device-as-default-execution-space): what a Jetson without a toolkit does at run time."""
     lib = _nvrtc()
     if lib is None:
-        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12, or FC_EDGE_NVRTC)")
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or FC_EDGE_NVRTC)")
     prog = ctypes.c_void_p()
     src = cupy_rotated.KERNEL_SOURCE.read_bytes()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"cupy_rotated.cu", 0, None, None) == 0
@@ -154,6 +166,33 @@ def host_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
 _SCALARS = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.uint32: ctypes.c_uint}
 
 
+def _emulator_error(lib: ctypes.CDLL) -> str:
+    lib.host_error.restype = ctypes.c_char_p
+    return lib.host_error().decode()
+
+
+def test_emulated_shuffles_follow_cuda(host_lib):
+    """The emulator's shuffles against CUDA's definitions (CUDA C++ Programming Guide, warp
+    shuffle functions): __shfl_sync reads lane src; __shfl_up_sync lane - delta, or its own value
+    below delta; __shfl_down_sync lane + delta, or its own past 31; __shfl_xor_sync lane ^ m;
+    64-bit values (double) whole."""
+    out = np.zeros((32, 5), dtype=np.int64)
+    assert host_lib.host_shim_shuffles(ctypes.c_void_p(out.ctypes.data)) == 0
+    lane = np.arange(32)
+    assert np.array_equal(out[:, 0], np.full(32, 1007))
+    assert np.array_equal(out[:, 1], 1000 + np.where(lane >= 3, lane - 3, lane))
+    assert np.array_equal(out[:, 2], 1000 + np.where(lane + 5 < 32, lane + 5, lane))
+    assert np.array_equal(out[:, 3], 1000 + (lane ^ 6))
+    assert np.array_equal(out[:, 4], 2 * (31 - lane))
+
+
+def test_emulator_refuses_a_divergent_shuffle(host_lib):
+    """A shuffle that half the warp skips is wrong on a GPU; the emulator stops there."""
+    out = np.zeros(32, dtype=np.int64)
+    assert host_lib.host_shim_divergent(ctypes.c_void_p(out.ctypes.data)) != 0
+    assert "returned while others wait at a shuffle" in _emulator_error(host_lib)
+
+
 class HostRunner(cupy_rotated.Runner):
     """The kernels of cupy_rotated.cu run on the host: numpy arrays, ctypes launches over the
     grid CuPy would use (THREADS per block)."""
@@ -174,7 +213,8 @@ class HostRunner(cupy_rotated.Runner):
             else:
                 c_args.append(_SCALARS[type(a)](a))  # a kernel takes exact scalar types
         self.launched.append(name)
-        getattr(self.lib, f"host_{name}")(*c_args)
+        if getattr(self.lib, f"host_{name}")(*c_args) != 0:
+            raise AssertionError(f"{name}: {_emulator_error(self.lib)}")
 
     def from_tensor(self, t: torch.Tensor) -> np.ndarray:
         return t.contiguous().numpy()
@@ -184,8 +224,10 @@ class HostRunner(cupy_rotated.Runner):
 
 
 @pytest.fixture
-def runner(host_lib: ctypes.CDLL) -> HostRunner:
-    return HostRunner(host_lib)
+def runner(host_lib: ctypes.CDLL) -> Iterator[HostRunner]:
+    """The emulated GPU coder at every size (no CPU cutoff)."""
+    with cupy_rotated.gpu_cutoff(0):
+        yield HostRunner(host_lib)
 
 
 def heavy_rows(n: int, k: int, seed: int) -> torch.Tensor:
@@ -293,9 +335,10 @@ def test_random_rows_round_trip_like_numba(host_lib, n, k, step, seed, heavy):
     sigma = entropy.row_sigma(c)
     symbols, bits = entropy.quantize_at(c, sigma, step)
     stream, lengths = entropy.encode_rows(symbols, step, bits)
-    got = cupy_rotated.DeviceRows(runner, rows).tensors(step)
+    with cupy_rotated.gpu_cutoff(0):
+        got = cupy_rotated.DeviceRows(runner, rows).tensors(step)
+        back = cupy_rotated.decode_rows(runner, got["codes"], lengths, k, step, got["scales"])
     assert got["codes"].numpy().tobytes() == stream
-    back = cupy_rotated.decode_rows(runner, got["codes"], lengths, k, step, got["scales"])
     assert torch.equal(back, entropy.dequantize(symbols, sigma, step))
 
 
@@ -338,6 +381,107 @@ def test_corrupt_streams_fail_on_the_same_row(runner, step):
         except WireError as e:
             gpu = str(e)
         assert gpu == cpu
+
+
+WRITER_K = [1, 5, 31, 32, 33, 64, 577, 2048]
+
+
+@pytest.mark.parametrize("K", WRITER_K)
+@pytest.mark.parametrize("step", [0, 64, 128])
+def test_writer_writes_every_byte_once(runner, K, step):
+    """fc_write_rows straight into buffers poisoned with 0x00 and with 0xFF, with guard bytes
+    either side: the stream equals numba's whatever the poison (every byte written, by the lane
+    that completes it, with the carry between 32-value passes), and no guard byte changes. K
+    covers one value, part of a pass, exact passes, a pass and one, many passes; step 0 has
+    1-3 bit code words (many bytes completed by a lane's carry), step 128 up to 15 bits."""
+    rows = heavy_rows(7, K, 1000 + K)
+    c = _coefs(rows)
+    sigma = entropy.row_sigma(c)
+    symbols, bits = entropy.quantize_at(c, sigma, step)
+    stream, lengths = entropy.encode_rows(symbols, step, bits)
+    t = runner.table(step)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    guard = 16
+    for poison in (0x00, 0xFF):
+        out = np.full(len(stream) + 2 * guard, poison, dtype=np.uint8)
+        runner.launch("fc_write_rows", 7, c.view(np.uint32), sigma.view(np.uint32), np.int64(7),
+                      np.int32(K), cupy_rotated.alpha_bits(step), np.int32(t.Q),
+                      t.code_lengths, t.codes, offsets + guard, out)
+        assert out[guard:-guard].tobytes() == stream
+        assert (out[:guard] == poison).all() and (out[-guard:] == poison).all()
+
+
+def test_cutoff_default_and_override(monkeypatch):
+    """N x K below the cutoff goes to the CPU coder; the environment and gpu_cutoff move it."""
+    monkeypatch.delenv("FC_EDGE_CUPY_MIN_VALUES", raising=False)
+    assert cupy_rotated.min_gpu_values() == cupy_rotated.MIN_GPU_VALUES == 8192
+    assert not cupy_rotated.use_gpu(576)  # a decode step's row of SmolLM2
+    assert not cupy_rotated.use_gpu(8191)
+    assert cupy_rotated.use_gpu(8192)
+    assert cupy_rotated.use_gpu(512 * 2048)
+    with cupy_rotated.gpu_cutoff(0):
+        assert cupy_rotated.use_gpu(1)
+        with cupy_rotated.gpu_cutoff(10**9):
+            assert not cupy_rotated.use_gpu(512 * 2048)
+        assert cupy_rotated.use_gpu(1)
+    assert not cupy_rotated.use_gpu(576)
+    monkeypatch.setenv("FC_EDGE_CUPY_MIN_VALUES", "100")
+    assert cupy_rotated.use_gpu(576) and not cupy_rotated.use_gpu(99)
+
+
+@pytest.mark.parametrize("raw", ["many", "-1", "1.5", ""])
+def test_cutoff_from_the_environment_is_checked(monkeypatch, raw):
+    monkeypatch.setenv("FC_EDGE_CUPY_MIN_VALUES", raw)
+    with pytest.raises(ConfigError, match="FC_EDGE_CUPY_MIN_VALUES"):
+        cupy_rotated.min_gpu_values()
+
+
+def test_runner_for_applies_the_cutoff_to_coefficient_rows(monkeypatch):
+    """On a CUDA tensor with CuPy there: coefficient rows (floating point) get the GPU runner
+    from the cutoff up, a byte stream always (decode_rows then decides from N x K)."""
+    monkeypatch.delenv("FC_EDGE_CUPY_MIN_VALUES", raising=False)
+    gpu = object()
+    monkeypatch.setattr(ops, "cupy_available", lambda: True)
+    monkeypatch.setattr(cupy_rotated, "_cupy_runner", lambda index: gpu)
+
+    def cuda_tensor(n: int, floating: bool) -> Any:  # what runner_for reads of a tensor
+        return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), numel=lambda: n,
+                               is_floating_point=lambda: floating)
+
+    assert cupy_rotated.runner_for(cuda_tensor(576, True)) is None
+    assert cupy_rotated.runner_for(cuda_tensor(8192, True)) is gpu
+    assert cupy_rotated.runner_for(cuda_tensor(10, False)) is gpu
+    with cupy_rotated.gpu_cutoff(0):
+        assert cupy_rotated.runner_for(cuda_tensor(1, True)) is gpu
+
+
+def test_decode_below_the_cutoff_runs_no_kernel(host_lib, monkeypatch):
+    """decode_rows below the cutoff decodes on the host (numba), launching nothing, and refuses
+    a corrupt row with the numba reader's error; from the cutoff up the kernels run."""
+    monkeypatch.delenv("FC_EDGE_CUPY_MIN_VALUES", raising=False)
+    runner = HostRunner(host_lib)
+    for n, k in ((1, 576), (14, 576)):  # 576 values, then 8064 < 8192
+        rows = heavy_rows(n, k, 5)
+        c = _coefs(rows)
+        sigma = entropy.row_sigma(c)
+        symbols, bits = entropy.quantize_at(c, sigma, 40)
+        stream, lengths = entropy.encode_rows(symbols, 40, bits)
+        codes = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
+        scales = torch.from_numpy(sigma).to(torch.bfloat16)
+        got = cupy_rotated.decode_rows(runner, codes, lengths, k, 40, scales)
+        assert runner.launched == []
+        assert torch.equal(got, entropy.dequantize(symbols, sigma, 40))
+        bad = codes.clone()
+        bad[: lengths[0]] = 0
+        with pytest.raises(WireError, match="row 0 "):
+            cupy_rotated.decode_rows(runner, bad, lengths, k, 40, scales)
+    rows = heavy_rows(15, 576, 5)  # 8640 values: the GPU coder
+    c = _coefs(rows)
+    sigma = entropy.row_sigma(c)
+    stream, lengths = entropy.encode_rows(entropy.quantize_at(c, sigma, 40)[0], 40)
+    cupy_rotated.decode_rows(runner, torch.frombuffer(bytearray(stream), dtype=torch.uint8),
+                             lengths, 576, 40, torch.from_numpy(sigma).to(torch.bfloat16))
+    assert runner.launched == ["fc_read_rows", "fc_dequantize"]
 
 
 # ------------------------------------------------------------------ the codec, end to end
@@ -407,22 +551,33 @@ GPU_SHAPES = [(1, 1, 576), (1, 12, 576), (1, 128, 576), (1, 512, 2048), (2, 33, 
 @pytest.mark.parametrize("kwargs", [{}, {"bits": 3}, {"transform": "hadamard"}, {"ratio": 5.0}])
 @pytest.mark.cupy
 def test_cupy_encode_equals_cpu_encode(shape, kwargs):
+    """The CuPy kernels at every size (the cutoff off) against the numba coder."""
     codec = get_codec("rotated", **kwargs)
     x = heavy_rows(int(np.prod(shape[:-1])), shape[-1], 7).reshape(shape).cuda()
-    assert cupy_rotated.runner_for(x) is not None
-    got = codec.encode(x)
+    with cupy_rotated.gpu_cutoff(0):
+        assert cupy_rotated.runner_for(x) is not None
+        got = codec.encode(x)
+        got_back = codec.decode(got)
     with ops.without_cupy():
         want = codec.encode(x)  # the same torch transform on the GPU, then the numba coder
         want_back = codec.decode(want)
     _same_encoded(got, want)
-    assert torch.equal(codec.decode(got), want_back)
+    assert torch.equal(got_back, want_back)
+
+
+@pytest.mark.cupy
+def test_cupy_cutoff_sends_a_decode_row_to_the_cpu(monkeypatch):
+    monkeypatch.delenv("FC_EDGE_CUPY_MIN_VALUES", raising=False)
+    assert cupy_rotated.runner_for(torch.zeros(1, 576, device="cuda")) is None
+    assert cupy_rotated.runner_for(torch.zeros(512, 576, device="cuda")) is not None
 
 
 @pytest.mark.cupy
 def test_cupy_edge_rows_and_corruption():
     x = edge_rows(33).reshape(1, 6, 33).cuda()
     codec = get_codec("rotated")
-    got = codec.encode(x)
+    with cupy_rotated.gpu_cutoff(0):
+        got = codec.encode(x)
     with ops.without_cupy():
         want = codec.encode(x)
     _same_encoded(got, want)
@@ -437,7 +592,8 @@ def test_cupy_edge_rows_and_corruption():
         except WireError as e:
             cpu = str(e)
     try:
-        codec.decode(bad)
+        with cupy_rotated.gpu_cutoff(0):
+            codec.decode(bad)
         gpu = None
     except WireError as e:
         gpu = str(e)

@@ -31,4 +31,5 @@ def qwen2_fourier_engine(tiny_qwen2, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2, tmp_path_factory):
     """SmolLM2-135M, split layer 1 (skips with the smollm2 fixture)."""
-    return _export(tmp_path_factory, smollm2[0], 1, model_spec="smollm2-135m")
+    return _export(tmp_path_factory, smollm2[0], 1, model_spec="smollm2-135m",
+                   tokenizer=smollm2[1])

@@ -131,11 +131,11 @@ def test_cli_export_torchscript(capsys, tmp_path):
 
     rc = main(["export", "--model", "synthetic:tiny-llama", "--split-layer", "1", "--out",
                str(tmp_path), "--exporter", "torchscript", "--in-graph-fourier", "--ratio", "8"])
-    assert rc == 0, capsys.readouterr().err
-    (folder,) = tmp_path.iterdir()
-    m = json.loads((folder / "manifest.json").read_text())
-    assert m["fourier"]["k_s"] >= 1 and folder.name.startswith("synthetic-tiny-llama-L1-fourier")
-    assert "wrote" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["fourier"]["k_s"] >= 1 and "wrote" in out
+    assert "[1/7] loading the model" in err and "head.safetensors" in err  # progress, on stderr
 
 
 def test_cli_flags_need_in_graph_fourier(capsys, tmp_path):
@@ -144,3 +144,143 @@ def test_cli_flags_need_in_graph_fourier(capsys, tmp_path):
     rc = main(["export", "--model", "synthetic:tiny-llama", "--split-layer", "1",
                "--out", str(tmp_path), "--k-s", "2", "--k-d", "3"])
     assert rc == 1 and "--in-graph-fourier" in capsys.readouterr().err
+
+
+# --- the bundle: one copy of the weights, the head alone -----------------------------------------
+
+
+def safetensors_ranges(path):
+    """name -> (offset, length) in the file, from its header as the format's spec says."""
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        entries = json.loads(f.read(n))
+    entries.pop("__metadata__", None)
+    return {k: (8 + n + e["data_offsets"][0], e["data_offsets"][1] - e["data_offsets"][0])
+            for k, e in entries.items()}
+
+
+@pytest.mark.parametrize("fixture", ["llama_engine", "qwen2_fourier_engine"])
+def test_graphs_point_into_the_head_weights(request, fixture):
+    """Both graphs hold every head matrix as external data at that tensor's bytes in
+    head.safetensors (one copy shared by the graphs and the torch runner); the file holds the
+    head's tensors and nothing else."""
+    result = request.getfixturevalue(fixture)
+    folder, m = result.folder, result.manifest
+    ranges = safetensors_ranges(folder / "head.safetensors")
+    layer = m["split_layer"]
+    assert {int(k.split(".")[2]) for k in ranges if k.startswith("model.layers.")} == \
+        set(range(layer))
+    assert {k for k in ranges if not k.startswith("model.layers.")} == {
+        "model.embed_tokens.weight"}
+    matrices = {k for k in ranges if not k.endswith("norm.weight") and "bias" not in k}
+    for graph in ("prefill", "decode"):
+        proto = onnx.load(str(folder / m["graphs"][graph]["file"]), load_external_data=False)
+        external = {}
+        for init in proto.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                kv = {e.key: e.value for e in init.external_data}
+                assert kv["location"] == "head.safetensors"
+                external["model." + init.name.removeprefix("head.")] = (int(kv["offset"]),
+                                                                        int(kv["length"]))
+            else:
+                assert len(init.raw_data) <= 4096, init.name  # small constants stay inline
+        assert matrices <= set(external)
+        assert all(external[k] == ranges[k] for k in external)
+    assert m["weights"]["bytes"] == (folder / "head.safetensors").stat().st_size
+
+
+def test_float16_graphs_keep_statistics_and_the_dft_in_float32(qwen2_fourier_engine, tmp_path):
+    """The float16 ONNX a strongly typed TensorRT build runs: RMSNorm's square and mean,
+    softmax and the fourier block's matrix products take float32 inputs (ONNX's own type
+    inference is the oracle), while the weight matmuls run in float16."""
+    from fc_edge.engine.export import export_engine
+
+    model = qwen2_fourier_engine.manifest["model"]
+    result = export_engine(model, 1, tmp_path / "b", fourier=(3, 8), float16=True,
+                           exporter="torchscript", tensorrt=False)
+    path = result.folder / result.manifest["graphs_float16"]["prefill"]["file"]
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]}
+    types.update({i.name: i.data_type for i in proto.graph.initializer})
+    shapes = {i.name: list(i.dims) for i in proto.graph.initializer}
+    for n in proto.graph.node:  # Constant nodes' outputs
+        if n.op_type == "Constant":
+            types[n.output[0]] = n.attribute[0].t.data_type
+            shapes[n.output[0]] = list(n.attribute[0].t.dims)
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    stats = [n for n in proto.graph.node if n.op_type in ("ReduceMean", "Pow", "Softmax")]
+    assert {n.op_type for n in stats} == {"ReduceMean", "Pow", "Softmax"}
+    assert all(types[n.input[0]] == f32 for n in stats)
+    dft = [n for n in proto.graph.node if n.op_type == "MatMul"
+           and any(shapes.get(x) == [64, 8] for x in n.input)]
+    assert len(dft) == 2 and all(types[x] == f32 for n in dft for x in n.input)
+    weights = [n for n in proto.graph.node if n.op_type == "MatMul" and n not in dft]
+    assert weights and any(types[n.input[0]] == f16 for n in weights)
+
+
+def test_a_bundle_is_not_a_model_to_serve(llama_engine):
+    from fc_edge.errors import ModelError
+    from fc_edge.models.pretrained import load_model
+
+    with pytest.raises(ModelError, match="device bundle"):
+        load_model(str(llama_engine.folder))
+
+
+def test_torch_backend_runs_the_bundle_weights(llama_engine, tiny_llama):
+    """`--engine-backend torch`: our head over the bundle's memory-mapped head.safetensors,
+    equal to the head split from the model."""
+    from fc_edge.engine import open_bundle
+
+    device = open_bundle(llama_engine.folder, "torch").device_head()
+    head, _ = split(tiny_llama, 2)
+    ids = torch.arange(3, 14)
+    torch.testing.assert_close(device.head.start(11).step(ids), head.start(11).step(ids),
+                               rtol=0, atol=0)
+    assert device.fingerprint == model_fingerprint(tiny_llama)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--model", "synthetic:tiny-llama"], "drop --model"),
+    (["--engine-backend", "onnxruntime", "--device", "cpu"], "drop --device"),
+])
+def test_cli_engine_mistakes_are_one_line(llama_engine, extra, message, capsys):
+    from fc_edge.cli import main
+
+    rc = main(["generate", "--engine", str(llama_engine.folder), "--server", "127.0.0.1:1",
+               "--prompt", "hi", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and message in err[0], err
+
+
+def test_the_bundle_tokenizer_answers_as_transformers(smollm2_engine):
+    """The device reads the bundle's tokenizer.json with the tokenizers library alone; the
+    oracle is transformers' tokenizer over the same folder: ids of texts with special tokens,
+    unicode and whitespace; the text of random ids, special tokens skipped or kept; the chat
+    prompt; the EOS id."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from fc_edge.models.checkpoint import BundleTokenizer, open_checkpoint
+
+    folder = smollm2_engine.folder
+    ours = open_checkpoint(str(folder)).tokenizer()
+    ref = AutoTokenizer.from_pretrained(folder)
+    assert isinstance(ours, BundleTokenizer) and ours.eos_token_id == ref.eos_token_id
+    for text in ["The capital of France is", "  two spaces\n\ttab", "<|im_start|>user\nhi",
+                 "héllo wörld 東京 🚀", "", "def f(x):\n    return x ** 2"]:
+        assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+    rng = random.Random(0)
+    for _ in range(100):
+        ids = [rng.randrange(ref.vocab_size) for _ in range(rng.randrange(1, 24))]
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == \
+                ref.decode(ids, skip_special_tokens=skip)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                    return_dict=False) == \
+        ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                return_dict=False)

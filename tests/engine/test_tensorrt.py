@@ -46,11 +46,16 @@ def fake_trt(fp16=True, strongly_typed=True, explicit_batch=False, tf32=True, ve
     "plan" is the parsed ONNX file and the profile; the runtime runs it with onnxruntime."""
     import onnxruntime as ort
 
-    trt = SimpleNamespace(__version__=version, calls=[])
-    builder_flags = {"FP16": 0} if fp16 else {}
+    trt = SimpleNamespace(__version__=version, calls=[], float32="float32")
+    builder_flags = {"FP16": 0, "OBEY_PRECISION_CONSTRAINTS": 3} if fp16 else {}
     if tf32:
         builder_flags["TF32"] = 1
     trt.BuilderFlag = SimpleNamespace(**builder_flags, INT8=2)
+    trt.LayerType = SimpleNamespace(**{k: k for k in ("REDUCE", "SOFTMAX", "NORMALIZATION",
+                                                       "ELEMENTWISE", "UNARY", "MATRIX_MULTIPLY",
+                                                       "OTHER")})
+    trt.ElementWiseOperation = SimpleNamespace(POW="pow", PROD="prod", SUM="sum")
+    trt.UnaryOperation = SimpleNamespace(SQRT="sqrt", RECIP="recip")
     creation = {}
     if explicit_batch:
         creation["EXPLICIT_BATCH"] = 0
@@ -61,9 +66,31 @@ def fake_trt(fp16=True, strongly_typed=True, explicit_batch=False, tf32=True, ve
     trt.TensorIOMode = SimpleNamespace(INPUT="input", OUTPUT="output")
     trt.DataType = SimpleNamespace(FLOAT="float", HALF="half", INT64="int64", INT32="int32")
 
+    # ONNX op -> (layer type, operation), the way TensorRT's parser maps them
+    layer_of = {"ReduceMean": ("REDUCE", None), "Softmax": ("SOFTMAX", None),
+                "Pow": ("ELEMENTWISE", "pow"), "Mul": ("ELEMENTWISE", "prod"),
+                "Add": ("ELEMENTWISE", "sum"), "Sqrt": ("UNARY", "sqrt"),
+                "Reciprocal": ("UNARY", "recip"), "MatMul": ("MATRIX_MULTIPLY", None)}
+
+    class Layer:
+        def __init__(self, node):
+            self.node, self.precision, self.outputs = node, None, {}
+            self.type, self.op = layer_of.get(node.op_type, ("OTHER", None))
+            self.num_outputs = len(node.output)
+
+        def set_output_type(self, index, dtype):
+            self.outputs[index] = dtype
+
     class Network:
         def __init__(self, flags):
-            self.flags, self.onnx = flags, None
+            self.flags, self.onnx, self.layers = flags, None, []
+
+        @property
+        def num_layers(self):
+            return len(self.layers)
+
+        def get_layer(self, i):
+            return self.layers[i]
 
     class Parser:
         def __init__(self, network, logger):
@@ -71,6 +98,8 @@ def fake_trt(fp16=True, strongly_typed=True, explicit_batch=False, tf32=True, ve
 
         def parse_from_file(self, path):
             self.network.onnx = path
+            graph = onnx.load(path, load_external_data=False).graph
+            self.network.layers = [Layer(n) for n in graph.node]
             return True
 
     class Config:
@@ -105,9 +134,12 @@ def fake_trt(fp16=True, strongly_typed=True, explicit_batch=False, tf32=True, ve
 
         def build_serialized_network(self, network, config):
             trt.calls.append({"network_flags": network.flags, "onnx": network.onnx,
-                              "set": config.set, "cleared": config.cleared})
-            with open(network.onnx, "rb") as f:
-                return pickle.dumps({"onnx": f.read(), "profile": dict(config.profile)})
+                              "set": config.set, "cleared": config.cleared,
+                              "layers": network.layers})
+            # the "plan" runs the graph: its weights inlined (they point into a file beside it)
+            model = onnx.load(network.onnx)
+            return pickle.dumps({"onnx": model.SerializeToString(),
+                                 "profile": dict(config.profile)})
 
     class Engine:
         def __init__(self, plan):
@@ -219,8 +251,12 @@ def trt_head(folder, manifest, trt):
 @pytest.mark.parametrize(
     ("fp16", "strong", "explicit", "want"),
     [
-        (True, True, True, ("fp16", "weak", ["FP16"], ["EXPLICIT_BATCH"], "float32")),
-        (True, False, False, ("fp16", "weak", ["FP16"], [], "float32")),
+        # TensorRT 10.x (JetPack 6: 10.3) has both flags: the strongly typed network wins
+        (True, True, True, ("fp16", "strong", [], ["EXPLICIT_BATCH", "STRONGLY_TYPED"],
+                            "float16")),
+        (True, True, False, ("fp16", "strong", [], ["STRONGLY_TYPED"], "float16")),
+        (True, False, False, ("fp16", "weak", ["FP16", "OBEY_PRECISION_CONSTRAINTS"], [],
+                              "float32")),
         (False, True, False, ("fp16", "strong", [], ["STRONGLY_TYPED"], "float16")),
         (False, True, True, ("fp16", "strong", [], ["EXPLICIT_BATCH", "STRONGLY_TYPED"],
                              "float16")),
@@ -246,7 +282,8 @@ def test_choose_precision(fp16, strong, explicit, want):
 @pytest.mark.parametrize(
     ("fp16", "strong", "precision", "onnx_file", "set_flags", "network_flags"),
     [
-        (True, True, "fp16", "prefill.onnx", [0], 0),  # TensorRT <= 10: the FP16 flag
+        (True, True, "fp16", "prefill.float16.onnx", [], 2),  # TensorRT 9-10: strongly typed
+        (True, False, "fp16", "prefill.onnx", [0, 3], 0),  # TensorRT 8: FP16 flag, pinned norms
         (False, True, "fp16", "prefill.float16.onnx", [], 2),  # TensorRT 11: strongly typed
         (False, False, "fp32", "prefill.onnx", [], 0),  # neither
     ],
@@ -267,6 +304,18 @@ def test_build_engines_names_what_it_built(llama16, tmp_path, fp16, strong, prec
     assert prefill_call["set"] == set_flags and prefill_call["network_flags"] == network_flags
     assert prefill_call["cleared"] == ([1] if precision == "fp32" else [])
     assert entry["profiles"]["decode"]["past_key_values.0.key"][2] == [1, 2, 4095, 16]
+    layers = prefill_call["layers"]
+    pinned = [layer for layer in layers if layer.precision is not None]
+    if 3 in set_flags:  # weakly typed fp16: norm statistics and softmax pinned to float32
+        stats = {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax"}
+        assert {layer.node.op_type for layer in pinned} <= stats
+        assert len(pinned) == sum(layer.node.op_type in stats for layer in layers) > 0
+        assert {"ReduceMean", "Softmax"} <= {layer.node.op_type for layer in pinned}
+        assert all(layer.precision == "float32" and set(layer.outputs.values()) == {"float32"}
+                   for layer in pinned)
+        assert entry["pinned_float32_layers"]["prefill"] == len(pinned)
+    else:
+        assert not pinned and "pinned_float32_layers" not in entry
 
 
 def test_strongly_typed_build_needs_the_float16_graphs(llama_engine, tmp_path):
@@ -322,16 +371,17 @@ def run_steps(session, ids, n):
     return [session.step(c) for c in [ids[:n]] + [ids[n + j : n + j + 1] for j in range(3)]]
 
 
-@pytest.mark.parametrize(("fp16", "tolerance"), [(True, TOLERANCE), (False, FLOAT16_TOLERANCE)])
-def test_runner_prefill_and_decode_match_the_torch_head(llama16, tiny_llama, tmp_path, fp16,
+@pytest.mark.parametrize(("strong", "tolerance"), [(False, TOLERANCE), (True, FLOAT16_TOLERANCE)])
+def test_runner_prefill_and_decode_match_the_torch_head(llama16, tiny_llama, tmp_path, strong,
                                                         tolerance):
-    """Prefill + 3 decode steps through the runner's bindings; fp16=False builds the strongly
-    typed plan from the float16 graphs (float16 caches in the runner's buffers)."""
-    trt = fake_trt(fp16=fp16)
+    """Prefill + 3 decode steps through the runner's bindings; strong builds the strongly
+    typed plan from the float16 graphs (float16 caches in the runner's buffers); the fake's
+    weakly typed "plan" runs the float32 graph."""
+    trt = fake_trt(strongly_typed=strong)
     folder, manifest = built(llama16, tmp_path, trt)
     engine = trt_head(folder, manifest, trt)
     head, _ = split(tiny_llama, 2)
-    assert engine.trt.kv_dtype == (torch.float32 if fp16 else torch.float16)
+    assert engine.trt.kv_dtype == (torch.float16 if strong else torch.float32)
     ids = torch.randint(0, 256, (14,), generator=torch.Generator().manual_seed(5))
     hs, ts = head.start(14), engine.start(14)
     for got, want in zip(run_steps(ts, ids, 11), run_steps(hs, ids, 11), strict=True):
@@ -354,22 +404,28 @@ def test_runner_generates_the_torch_tokens(llama16, tiny_llama, tmp_path):
     assert generate_split(engine, tail, ids, 12) == generate_split(head, tail, ids, 12)
 
 
-def test_runner_fourier_block_matches_onnxruntime(qwen2_fourier_engine, tmp_path):
-    """The in-graph block through the runner equals the onnxruntime runner's, including a
-    prompt shorter than the block's rows (computed from the activation)."""
-    trt = fake_trt()
+def test_runner_fourier_block_matches_the_codec(qwen2_fourier_engine, tmp_path):
+    """The in-graph block through the runner equals FourierCodec's own block, including
+    prompts shorter than the block's 2 k_s - 1 = 5 rows, which the plan's profile now takes
+    (from 1 token) and whose block the runner computes from the (1, S, D) activation."""
+    from fc_edge.codecs.spectral import FourierCodec
+
+    trt = fake_trt(strongly_typed=False)
     folder, manifest = built(qwen2_fourier_engine, tmp_path, trt)
-    assert manifest["tensorrt"]["profiles"]["prefill"]["input_ids"][0] == [1, 5]
+    assert manifest["tensorrt"]["profiles"]["prefill"]["input_ids"][0] == [1, 1]
     engine = trt_head(folder, manifest, trt)
     ort = EngineHead(folder, providers=["CPUExecutionProvider"], threads=1)
+    codec = FourierCodec(k_s=3, k_d=8, value_dtype="float32")
     ids = torch.arange(20, 40)
-    for n in (5, 12):  # 5 = 2 k_s - 1, the shortest the plan takes
+    for n in (1, 3, 5, 12):
         ts, os_ = engine.start(n + 3), ort.start(n + 3)
         for chunk in [ids[:n]] + [ids[n + j : n + j + 1] for j in range(3)]:
-            assert relative_error(ts.step(chunk), os_.step(chunk)) <= TOLERANCE
-            assert relative_error(ts.last_block, os_.last_block) <= TOLERANCE
-    with pytest.raises(ConfigError, match="outside the TensorRT profile"):
-        engine.start(8).step(ids[:3])  # the fourier prefill plan starts at 5 tokens
+            a = ts.step(chunk)
+            assert relative_error(a, os_.step(chunk)) <= TOLERANCE
+            enc = codec.encode(a)
+            block = enc.tensors["coefs"].float() * enc.tensors["scale"].view(-1, 1, 1, 1)
+            assert ts.last_block.shape == block.shape
+            assert relative_error(ts.last_block, block) <= 1e-5
 
 
 def test_runner_refuses_shapes_outside_its_profile(llama16, tmp_path):

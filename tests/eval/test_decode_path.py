@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from fc_edge.eval.forward import LayerStack
-from fc_edge.eval.runner import score_document
+from fc_edge.eval.perplexity import score_document
 from fc_edge.eval.settings import build_settings
 
 LAYER = 2

@@ -14,8 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fc_edge.eval.accuracy import evaluate
 from fc_edge.eval.forward import LayerStack
-from fc_edge.eval.runner import evaluate, send_rows
+from fc_edge.eval.multiple_choice import send_prefills
 from fc_edge.eval.settings import build_settings
 from fc_edge.eval.tasks import default_data_dir, encode_item, load_task
 
@@ -74,7 +75,7 @@ def test_grpc_runtime_next_token_equals_eval_argmax(sample):
                 with torch.inference_mode():
                     h, ctx = stack.start(ids)
                     h = stack.run(h, ctx, 0, LAYER)
-                    h = send_rows(setting, h, [len(seq)], None)
+                    h = send_prefills(setting, h, [len(seq)])
                     h = stack.run(h, ctx, LAYER, stack.num_layers)
                     want = int(stack.logits(h)[0, -1].argmax())
                 result = client.generate(list(seq), max_new_tokens=1, eos_token_id=None)

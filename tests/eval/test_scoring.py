@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fc_edge.eval.scoring import (
     ItemScore,
     Tally,
+    Traffic,
     choose,
     continuation_loglik,
     kl_divergence,
@@ -68,10 +69,22 @@ def test_tally_agreement_and_means():
     ref = ItemScore([-1.0, -2.0], [1, 1], 0)
     t.add(ItemScore([-1.0, -2.0], [1, 1], 0), ref)   # right, agrees
     t.add(ItemScore([-3.0, -2.0], [1, 1], 0), ref)   # wrong, disagrees
-    t.add_bytes(100, 800, 0.1)
-    t.add_bytes(300, 800, 0.3)
+    t.traffic.add(100, 800, 0.1)
+    t.traffic.add(300, 800, 0.3)
     r = t.result()
     assert r["acc"] == 0.5 and r["agreement"] == 0.5
     assert r["bytes"] == 200 and r["byte_ratio"] == 4.0 and r["rel_error"] == pytest.approx(0.2)
+    assert r["sequences"] == 2 and r["budget_fallbacks"] == 0
     m = mean_over_tasks({"a": r, "b": {**r, "acc": 1.0}})
     assert m["acc"] == 0.75 and m["n"] == 4
+
+
+def test_traffic_records_round_trip_and_merge():
+    """The records keys of every run so far (bytes, raw, err, seqs, fb) read back the same; an
+    uncompressed message is its float32 size; merging adds."""
+    t = Traffic.uncompressed([3, 5], hidden=4)
+    assert t.record() == {"bytes": 128, "raw": 128, "err": 0.0, "seqs": 2, "fb": 0}
+    u = Traffic.from_record({"bytes": 10, "raw": 40, "err": 0.5, "seqs": 1, "fb": 1})
+    u.merge(t)
+    assert (u.messages, u.sent, u.raw, u.error_sum, u.fallbacks) == (3, 138, 168, 0.5, 1)
+    assert Traffic.from_record(u.record()) == u

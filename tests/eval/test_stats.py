@@ -104,3 +104,47 @@ def test_accuracy_comparison_counts():
     assert r["tasks"]["t"]["ref_stderr"] == pytest.approx(math.sqrt(1 / 3) / 2)
     lo, hi = r["delta_ci95"]
     assert -1.0 <= lo <= r["delta"] <= hi <= 0.0
+
+
+def test_a_non_finite_resample_is_an_error_not_a_point():
+    # a document with no scored token: a resample of only that one is 0/0; its interval used to
+    # collapse silently to the point estimate
+    with pytest.raises(ValueError, match="non-finite"):
+        delta_ppl_ci([0.0, 40.0], [0.0, 44.0], [0, 10])
+
+
+def test_delta_and_its_interval_cover_the_same_tasks():
+    # task b has no item: the point Δ is task a's alone (-0.25), as the interval is
+    ref = {"a": [{"acc": 1, "pred": 0}, {"acc": 1, "pred": 0}, {"acc": 0, "pred": 1},
+                 {"acc": 1, "pred": 0}], "b": []}
+    cod = {"a": [{"acc": 0, "pred": 1}, {"acc": 1, "pred": 0}, {"acc": 0, "pred": 1},
+                 {"acc": 1, "pred": 0}], "b": []}
+    r = accuracy_comparison(ref, cod)
+    assert r["delta"] == pytest.approx(-0.25) and r["tasks_scored"] == 1
+    lo, hi = r["delta_ci95"]
+    assert lo <= r["delta"] <= hi
+
+
+def test_acc_norm_agreement_compares_the_acc_norm_choices():
+    # the acc choices agree on every item, the acc_norm choices on none
+    ref = {"t": [{"acc": 1, "acc_norm": 0, "pred": 0, "pred_norm": 1}] * 3}
+    cod = {"t": [{"acc": 1, "acc_norm": 1, "pred": 0, "pred_norm": 0}] * 3}
+    assert accuracy_comparison(ref, cod, "acc")["agreement"] == 1.0
+    assert accuracy_comparison(ref, cod, "acc_norm")["agreement"] == 0.0
+
+
+def test_clustered_bootstrap_counts_copies_once():
+    # every document twice: clustered by text, the interval is the one of the distinct
+    # documents (each cluster's sums are twice one document's, the ratio the same); counted as
+    # independent, the copies narrow it
+    rng = np.random.default_rng(3)
+    n = rng.integers(50, 500, 30).astype(float)
+    ref = 4.0 * n + rng.normal(0, 5, 30)
+    cod = ref + 0.01 * n + rng.normal(0, 5, 30)
+    once = delta_ppl_ci(ref, cod, n)
+    keys = [f"doc{i}" for i in range(30)] * 2
+    twice = [np.concatenate([v, v]) for v in (ref, cod, n)]
+    clustered = delta_ppl_ci(*twice, clusters=keys)
+    assert clustered == pytest.approx(once, abs=1e-12)
+    naive = delta_ppl_ci(*twice)
+    assert naive[1] - naive[0] < 0.85 * (once[1] - once[0])

@@ -73,19 +73,25 @@ def test_identity_codec_round_trip_changes_nothing(tiny_qwen2):
     assert generate_split(head, tail, ids, 12, codec=codec) == generate_split(head, tail, ids, 12)
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
-def test_tail_logits_equal_the_full_model(request, name):
-    model = request.getfixturevalue(name)
-    ids = torch.randint(0, 256, (14,), generator=torch.Generator().manual_seed(7))
+def assert_tail_matches(model, layer: int = 2, n: int = 14, seed: int = 7) -> None:
+    """The tail after ``layer``, fed the model's own hidden states in three steps (a prefill,
+    one row, the rest), and in one forward, gives the model's logits."""
+    ids = torch.randint(0, model.config.vocab_size, (n,),
+                        generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         out = model(ids[None], output_hidden_states=True)
-    _, tail = split(model, 2)
+    _, tail = split(model, layer)
     ts = tail.start()
-    h = out.hidden_states[2][0]
-    logits = torch.cat([ts.step(h[:10]), ts.step(h[10:11]), ts.step(h[11:])])
-    assert logits.dtype == torch.float32 and logits.shape == (14, 256)
+    h = out.hidden_states[layer][0]
+    logits = torch.cat([ts.step(h[: n - 4]), ts.step(h[n - 4: n - 3]), ts.step(h[n - 3:])])
+    assert logits.dtype == torch.float32 and logits.shape == (n, model.config.vocab_size)
     torch.testing.assert_close(logits, out.logits[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tail.forward(h[None])[0], out.logits[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
+def test_tail_logits_equal_the_full_model(request, name):
+    assert_tail_matches(request.getfixturevalue(name))
 
 
 def test_tail_rejects_a_wrong_width(tiny_llama):
@@ -104,7 +110,7 @@ def test_split_unsupported_family():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(ModelError, match="LlamaForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(ModelError, match="GPT2LMHeadModel.*LlamaForCausalLM.*Phi3ForCausalLM"):
         split(model, 1)
 
 

@@ -41,9 +41,9 @@ def test_generate_against_a_server(cached_smollm2, capsys):
         rc = main(["generate", "--server", handle.address, "--split-layer", "4", "--prompt",
                    "Hi", "--chat", "--codec", "fourier", "--ratio", "4", "--max-new-tokens", "5",
                    "--token", "tk"])
-    out = capsys.readouterr().out
-    assert rc == 0
-    assert "prefill (x1)" in out and "tokens, time to first token" in out
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.strip()  # the text on stdout, the stage table on stderr
+    assert "prefill (x1)" in err and "tokens, time to first token" in err
 
 
 def free_port() -> int:

@@ -152,17 +152,29 @@ def test_round_robin_target_spreads_and_recovers(tiny_llama, expected):
 
 
 def test_recoveries_are_bounded(tiny_llama):
+    # a server that refuses the first connection is not retried: one error at once, however many
+    # recoveries are allowed (the whole list is tried once)
     proc, dead = serve_subprocess()
     proc.kill()
     proc.wait(10)
-    with DeviceClient(dead, tiny_llama, LAYER, "identity", max_recoveries=0) as client:
-        with pytest.raises(SessionError, match="gave up after 0 recoveries") as info:
-            client.generate(PROMPT, 4, eos_token_id=None)
-        assert info.value.code == grpc.StatusCode.UNAVAILABLE
-    with DeviceClient(f"{dead},{dead}", tiny_llama, LAYER, "identity",
-                      max_recoveries=2) as client:
-        with pytest.raises(SessionError, match="gave up after 2 recoveries"):
-            client.generate(PROMPT, 4, eos_token_id=None)
+    for servers in (dead, f"{dead},{dead}"):
+        with DeviceClient(servers, tiny_llama, LAYER, "identity", max_recoveries=3) as client:
+            with pytest.raises(SessionError, match="cannot reach") as info:
+                client.generate(PROMPT, 4, eos_token_id=None)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    # sessions lost after they opened are resumed at most max_recoveries times
+    for allowed in (0, 1):
+        with start_server(tiny_llama, LAYER, port=0) as a, \
+                DeviceClient(a.address, tiny_llama, LAYER, "identity",
+                             max_recoveries=allowed) as client:
+            def stop(i: int, token: int, session: str, a=a) -> None:
+                if i == 2:
+                    a.stop(0)
+
+            with pytest.raises(SessionError, match=f"gave up after {allowed} recoveries") \
+                    as info:
+                client.generate(PROMPT, 8, eos_token_id=None, on_token=stop)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(Exception, match="max_recoveries must be"):
         DeviceClient(dead, tiny_llama, LAYER, "identity", max_recoveries=-1)
 

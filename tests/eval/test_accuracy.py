@@ -1,40 +1,21 @@
-"""The evaluation path against the Hugging Face model itself (fc_edge/eval/runner.py).
+"""The accuracy path against the Hugging Face model itself (fc_edge/eval/accuracy.py,
+multiple_choice.py, summary.py).
 
-Oracles: the full model's logits (uncompressed scores and perplexity) and a forward hook that
-applies the codec to the output of layer L-1 (the definition of "codec at the split").
+Oracles: the full model's logits (uncompressed scores) and a forward hook that applies the codec
+to the output of layer L-1 (the definition of "codec at the split").
 """
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
-from fc_edge.eval.runner import evaluate, perplexity
+from fc_edge.eval.accuracy import evaluate
+from fc_edge.eval.perplexity import perplexity
 from fc_edge.eval.settings import build_settings
 from fc_edge.eval.tasks import encode_item, load_task
-
-
-class CharTokenizer:
-    eos_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [1 + ord(c) % 250 for c in text]}
-
-
-@pytest.fixture()
-def data_dir(tmp_path):
-    (tmp_path / "toy").mkdir()
-    recs = [{"id": str(i), "question": f"what is {i}?", "choices": ["one", "two words", "x"],
-             "label": i % 3} for i in range(4)]
-    (tmp_path / "toy" / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
-    (tmp_path / "wino").mkdir()
-    w = {"id": "w", "sentence": "a _ b", "option1": "p", "option2": "q", "label": 1,
-         "context_options": ["a p", "a q"], "continuation": "b c"}
-    (tmp_path / "wino" / "dev.jsonl").write_text(json.dumps(w))
-    return tmp_path
 
 
 def reference_logliks(model, item, tok, hook=None):
@@ -50,8 +31,8 @@ def reference_logliks(model, item, tok, hook=None):
     return out
 
 
-def test_uncompressed_scores_equal_full_model(tiny_llama, data_dir):
-    tok = CharTokenizer()
+def test_uncompressed_scores_equal_full_model(char_tok, tiny_llama, data_dir):
+    tok = char_tok
     res = evaluate(tiny_llama, tok, ["toy", "wino"], build_settings("none"), [1],
                    data_dir=data_dir, progress=False)
     for task in ("toy", "wino"):
@@ -65,9 +46,9 @@ def test_uncompressed_scores_equal_full_model(tiny_llama, data_dir):
         assert got["agreement"] == 1.0 and got["kl"] == 0.0
 
 
-def test_codec_at_split_equals_forward_hook(tiny_llama, data_dir):
+def test_codec_at_split_equals_forward_hook(char_tok, tiny_llama, data_dir):
     """Layer-stack path with int8 at L=2 == full forward with the codec hooked on layers[1]."""
-    tok = CharTokenizer()
+    tok = char_tok
     settings = build_settings("none,int8,identity")
     res = evaluate(tiny_llama, tok, ["toy"], settings, [2], data_dir=data_dir, progress=False)
     int8 = settings[1]
@@ -93,54 +74,17 @@ def test_codec_at_split_equals_forward_hook(tiny_llama, data_dir):
     assert r["identity"]["tasks"]["toy"]["agreement"] == 1.0
 
 
-def test_perplexity_equals_full_model(tiny_llama, tmp_path):
-    tok = CharTokenizer()
-    path = tmp_path / "docs.txt"
-    path.write_text("hello world\n\nsplit inference is fun\nx\n")
-    res = perplexity(tiny_llama, tok, path, build_settings("none,fourier[ratio=4],identity"), [1],
-                     max_tokens=8, progress=False)
-    nll, n = 0.0, 0
-    for doc in ("hello world", "split inference is fun"):
-        ids = torch.tensor([tok(doc)["input_ids"][:8]])
-        with torch.inference_mode():
-            lp = torch.log_softmax(tiny_llama(ids).logits[0, :-1].double(), -1)
-        nll -= float(lp.gather(1, ids[0, 1:, None]).sum())
-        n += ids.shape[1] - 1
-    assert res["documents"] == 2 and res["tokens"] == n
-    assert res["reference_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-6)
-    r = res["results"]["1"]
-    assert r["identity"]["ppl"] == pytest.approx(res["reference_ppl"], rel=1e-6)
-    assert r["identity"]["agreement"] == 1.0
-    assert r["fourier[ratio=4]"]["row_wise"] is False and r["none"]["row_wise"] is True
-
-
-def test_per_token_messages(tiny_llama, tmp_path):
-    """int8 codes each row on its own, so one message per token equals one per document; the
-    bytes are then per token."""
-    tok = CharTokenizer()
-    path = tmp_path / "docs.txt"
-    path.write_text("hello world, hello split\n")
-    settings = build_settings("none,int8")
-    block = perplexity(tiny_llama, tok, path, settings, [1], progress=False)
-    rows = perplexity(tiny_llama, tok, path, settings, [1], progress=False, per_token=True)
-    assert rows["per_token"] and not block["per_token"]
-    ppl_rows, ppl_block = rows["results"]["1"]["int8"]["ppl"], block["results"]["1"]["int8"]["ppl"]
-    assert ppl_rows == pytest.approx(ppl_block)
-    S = len(tok("hello world, hello split")["input_ids"])
-    assert rows["results"]["1"]["int8"]["bytes"] < block["results"]["1"]["int8"]["bytes"] / S * 1.5
-    assert rows["results"]["1"]["int8"]["raw_bytes"] == 64 * 4
-
-
 @pytest.mark.parametrize("name,batch_items,batch_tokens",
                          [("tiny_llama", 32, 256), ("tiny_llama", 3, 4), ("sliding_qwen2", 32, 64)])
-def test_batched_trees_equal_per_choice_path(request, data_dir, name, batch_items, batch_tokens):
+def test_batched_trees_equal_per_choice_path(char_tok, request, data_dir, name, batch_items,
+                                             batch_tokens):
     """Items scored together as packed trees (each shared context once, choices as branches)
     give the per-choice path's log-likelihoods and bytes for row-wise codecs (int8, rotated with
     its per-message rate control, shaped as the runtime binds it), whole-block ones (fourier,
     topk) and a codec that refuses short blocks (svd: the fp16 fallback), at two split layers,
     whatever the batching, also with sliding-window layers."""
     model = request.getfixturevalue(name)
-    tok = CharTokenizer()
+    tok = char_tok
     specs = "none,int8,rotated,fourier[ratio=4],topk[ratio=4],svd[ratio=64]"
     kw = dict(data_dir=data_dir, progress=False, record_items=True)
     fast = evaluate(model, tok, ["toy", "wino"], build_settings(specs), [1, 3],
@@ -157,11 +101,11 @@ def test_batched_trees_equal_per_choice_path(request, data_dir, name, batch_item
     assert sum(r["s"]["1:svd[ratio=64]"]["fb"] for r in fast["records"]["toy"]) > 0
 
 
-def test_records_resume_and_intervals_in_results(tiny_llama, data_dir, tmp_path):
+def test_records_resume_and_intervals_in_results(char_tok, tiny_llama, data_dir, tmp_path):
     from fc_edge.errors import ConfigError
     from fc_edge.eval import report
 
-    tok = CharTokenizer()
+    tok = char_tok
     rec = tmp_path / "run" / "items.jsonl"
     first = evaluate(tiny_llama, tok, ["toy"], build_settings("none,int4"), [1],
                      data_dir=data_dir, progress=False, records=rec)
@@ -192,13 +136,14 @@ def test_records_resume_and_intervals_in_results(tiny_llama, data_dir, tmp_path)
     assert (tmp_path / "delta.png").is_file()
 
 
+@pytest.mark.cuda  # tools/gpu_check.sh runs `pytest -m "cuda or cupy"`
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_scores_equal_cpu_scores(tiny_llama, data_dir, tmp_path):
+def test_gpu_scores_equal_cpu_scores(char_tok, tiny_llama, data_dir, tmp_path):
     """`fc-edge eval --device cuda`: the same scores and bytes as on the CPU (float32 on both),
     for the batched trees, the per-choice path and per-token perplexity."""
     import copy
 
-    tok = CharTokenizer()
+    tok = char_tok
     gpu = copy.deepcopy(tiny_llama).to("cuda")
     specs = "none,int8,rotated,fourier[ratio=4]"
     for kw in ({}, {"shared_context": False}):
@@ -219,3 +164,61 @@ def test_gpu_scores_equal_cpu_scores(tiny_llama, data_dir, tmp_path):
                    per_token=True)
     assert a["reference_ppl"] == pytest.approx(b["reference_ppl"], rel=1e-4)
     assert a["results"]["1"]["int8"]["bytes"] == b["results"]["1"]["int8"]["bytes"]
+
+
+def test_reused_settings_equal_a_fresh_run(char_tok, tiny_llama, data_dir, tmp_path):
+    """--reuse: the reused settings (and the uncompressed reference with `none`) come from the
+    earlier records as they are, the others are scored now; the result equals a run that
+    scores everything. The results say what made them (provenance, sessions)."""
+    from fc_edge.codecs import wire
+    from fc_edge.errors import ConfigError
+
+    specs = "none,int8,int4"
+    kw = dict(data_dir=data_dir, progress=False)
+    full = evaluate(tiny_llama, char_tok, ["toy", "wino"], build_settings(specs), [1],
+                    records=tmp_path / "a.jsonl", **kw)
+    part = evaluate(tiny_llama, char_tok, ["toy", "wino"], build_settings(specs), [1],
+                    records=tmp_path / "b.jsonl", reuse=tmp_path / "a.jsonl",
+                    reuse_settings=["none", "int4"], **kw)
+    assert part["results"] == full["results"]
+    prov = part["provenance"]
+    assert prov["wire_version"] == wire.VERSION and set(prov["data"]) == {"toy/dev.jsonl",
+                                                                         "wino/dev.jsonl"}
+    assert prov["reused"]["settings"] == ["none", "int4"]
+    assert [s["items"] for s in part["sessions"]] == [5]
+    a = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()[2:]]
+    b = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()[2:]]
+    assert [r["s"]["1:int4"] for r in a] == [r["s"]["1:int4"] for r in b]
+    with pytest.raises(ConfigError, match="no record of toy item 4"):
+        evaluate(tiny_llama, char_tok, ["toy"], build_settings(specs), [1],
+                 reuse=tmp_path / "a.jsonl", reuse_settings=["none"],
+                 data_dir=_with_more_items(data_dir), progress=False)
+    with pytest.raises(ConfigError, match="not among --codecs"):
+        evaluate(tiny_llama, char_tok, ["toy"], build_settings("none,int8"), [1],
+                 reuse=tmp_path / "a.jsonl", reuse_settings=["rotated"], **kw)
+
+
+def _with_more_items(data_dir):
+    recs = [{"id": str(i), "question": f"what is {i}?", "choices": ["one", "two words", "x"],
+             "label": i % 3} for i in range(5)]
+    (data_dir / "toy" / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    return data_dir
+
+
+def test_acc_norm_table_agreement_is_acc_norms():
+    """The acc_norm table's agreement column compares the acc_norm choices (it used to show
+    acc's). By hand: choice lengths 1 and 10 characters; the reference's log-likelihoods
+    (-1, -2) pick choice 0 by acc and 1 by acc_norm (-1 < -0.2); the codec's (-1, -20) pick 0
+    by both (-1 > -2): acc agrees, acc_norm does not."""
+    from fc_edge.eval import report
+    from fc_edge.eval.summary import summarize
+
+    raw = {"bytes": 8, "raw": 8, "err": 0.0, "seqs": 2, "fb": 0}
+    rec = {"chars": [1, 10], "label": 0, "ref": [-1.0, -2.0],
+           "s": {"1:none": {"ll": [-1.0, -2.0], **raw}, "1:int8": {"ll": [-1.0, -20.0], **raw}}}
+    settings = build_settings("none,int8")
+    res = {"tasks": ["t"], "results": summarize({"t": [rec, rec]}, [1], settings)}
+    acc = [r for r in report.accuracy_rows(res, "acc") if r["codec"] == "int8"][0]
+    norm = [r for r in report.accuracy_rows(res, "acc_norm") if r["codec"] == "int8"][0]
+    assert acc["agreement"] == 100.0 and norm["agreement"] == 0.0
+    assert norm["mean"] == 100.0 and norm["delta"] == 100.0
