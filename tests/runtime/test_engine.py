@@ -365,3 +365,45 @@ def test_cuda_graph_decode_equals_eager_on_a_gpu(tiny_llama):
         again = graphs.run(x, segments).clone()  # replays
     torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, first)
+
+
+def family_model(family: str):
+    """A tiny random Gemma 2 (soft caps, a query scale that is not head_dim's, alternating
+    windows) or Phi-3 (fused projections, half-rotary heads, a window in every layer)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Phi3Config
+
+    common = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 128, "eos_token_id": None, "bos_token_id": None,
+              "pad_token_id": None}
+    config = {
+        "gemma2": Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                               attn_logit_softcapping=0.5, final_logit_softcapping=0.2),
+        "phi3": Phi3Config(**common, tie_word_embeddings=False, sliding_window=6,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                            "partial_rotary_factor": 0.5}),
+    }[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0)  # attention that is not uniform
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+def test_batched_sessions_of_other_families_equal_generate(family):
+    """The packed forward's grouped attention with the family's scale, soft cap and windows:
+    five concurrent sessions (a pool that forces preemption) get Hugging Face's tokens."""
+    model = family_model(family)
+    head, tail = Head.from_hf(model, LAYER), Tail.from_hf(model, LAYER)
+    assert tail.fast_attention()
+    jobs = prompts(5, 3, 20, seed=8)
+    engine = BatchEngine(tail, max_seq_len=48, kv_blocks=5, prefill_chunk=16)
+    try:
+        got = together(5, lambda i: generate(engine, head, jobs[i], 12, name=str(i)))
+        assert engine.stats().preemptions > 0
+    finally:
+        engine.stop()
+    assert got == [reference(model, p, 12) for p in jobs]
