@@ -270,7 +270,8 @@ def softcap(x: Tensor, cap: float | None) -> Tensor:
 
 
 #: Stores a layer's new keys and values (B, n_kv, S, hd) and returns the (B, n_kv, T, hd) slots
-#: to attend over.
+#: to attend over. An object with an ``attend(attention, q, k, v) -> (B, S, H * hd)`` method
+#: instead stores and attends itself (the server's paged batches, fc_edge/models/tail.py).
 KVUpdate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
@@ -376,6 +377,9 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        attend = getattr(kv, "attend", None)
+        if attend is not None:  # a paged batch of many sequences (the server's tail) attends
+            return self.o_proj(attend(self, q, k, v)), k, v  # over its own blocks: (B, S, H*hd)
         k_all, v_all = kv(k, v)
         out = self.attend(q, k_all, v_all, visible)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k_all, v_all

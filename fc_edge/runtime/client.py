@@ -47,7 +47,12 @@ from fc_edge.errors import BudgetError, ConfigError, FcEdgeError
 from fc_edge.models.checkpoint import Checkpoint, DeviceHead, ModelCheckpoint, open_checkpoint
 from fc_edge.models.defaults import DEFAULT_CODEC
 from fc_edge.runtime.proto import pb2, pb2_grpc
-from fc_edge.runtime.protocol import FALLBACK_CODEC, PROTOCOL_VERSION
+from fc_edge.runtime.protocol import (
+    FALLBACK_CODEC,
+    activation_frame,
+    close_frame,
+    open_frame,
+)
 from fc_edge.runtime.sampling import SamplingConfig
 from fc_edge.runtime.timing import GenerationResult, StepTiming, stage
 
@@ -569,16 +574,11 @@ class DeviceClient:
         generated (a recovery) its first step replays prompt + tokens. Raises :class:`_Lost`
         when the server goes away, :class:`SessionError` for anything else."""
         max_seq_len = ids.numel() + max_new_tokens
-        open_frame = pb2.ClientFrame(open=pb2.Open(
-            protocol_version=PROTOCOL_VERSION, model_fingerprint=self.fingerprint,
-            split_layer=self.split_layer,
-            codec=pb2.CodecSpec(name=self.codec.name,
-                                config_json=json.dumps(self.codec.config())),
-            sampling=pb2.Sampling(temperature=sampling.temperature, top_k=sampling.top_k,
-                                  top_p=sampling.top_p, seed=sampling.seed or 0,
-                                  has_seed=sampling.seed is not None),
+        opening = open_frame(
+            self.fingerprint, self.split_layer, self.codec.name, json.dumps(self.codec.config()),
             max_seq_len=max_seq_len, max_new_tokens=max_new_tokens - len(tokens),
-            eos_token_ids=eos))
+            eos_token_ids=eos, temperature=sampling.temperature, top_k=sampling.top_k,
+            top_p=sampling.top_p, seed=sampling.seed)
         outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
         def requests() -> Any:
@@ -593,7 +593,7 @@ class DeviceClient:
         session_id = ""
         done = False
         try:
-            outbox.put(open_frame)
+            outbox.put(opening)
             ready = next(call)
             session_id = ready.ready.session_id
             self._reached.add(server)
@@ -607,7 +607,7 @@ class DeviceClient:
                     a = hs.step(step_ids)
                 payload, label, enc_s, pack_s = self._encode(a.detach())
                 t_send = time.perf_counter()
-                outbox.put(pb2.ClientFrame(activation=pb2.Activation(step=step, payload=payload)))
+                outbox.put(activation_frame(step, payload))
                 frame = next(call)
                 t_recv = time.perf_counter()
                 tok = frame.token
@@ -627,7 +627,7 @@ class DeviceClient:
                     break
                 step_ids = torch.tensor([int(tok.id)], dtype=torch.long)
             done = True
-            outbox.put(pb2.ClientFrame(close=pb2.Close()))
+            outbox.put(close_frame())
             outbox.put(None)
             for _ in call:  # drain to the server's OK status
                 pass

@@ -1,4 +1,4 @@
-"""CLI verbs of the runtime: ``serve``, ``generate`` and ``demo`` (thin fronts over
+"""CLI verbs of the runtime: ``serve``, ``info``, ``generate`` and ``demo`` (thin fronts over
 :func:`~fc_edge.runtime.server.start_server` and :class:`~fc_edge.runtime.client.DeviceClient`)."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -40,25 +41,45 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--token", default=os.environ.get("FC_EDGE_TOKEN"),
                    help="require this bearer token (default: $FC_EDGE_TOKEN)")
     _add_device_args(p, "the tail")
-    p.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions")
+    p.add_argument("--max-sessions", type=int, default=None,
+                   help="concurrent sessions (default: what the KV cache holds at one block "
+                   "each, at most --max-streams; a session holds blocks only as it grows)")
+    p.add_argument("--max-sessions-per-peer", type=int, default=32,
+                   help="concurrent sessions of one client address")
     p.add_argument("--max-seq-len", type=int, default=4096, help="positions per session")
     p.add_argument("--max-payload-bytes", type=int, default=None,
                    help="largest activation frame accepted, bytes (default: a whole "
                    "--max-seq-len prefill as float32 + 4 KiB)")
     p.add_argument("--idle-timeout", type=float, default=60.0,
-                   help="close a session silent for this many seconds")
+                   help="end a session silent for this many seconds, or one that has not read "
+                   "its frames for as long")
     p.add_argument("--open-timeout", type=float, default=10.0,
                    help="close a stream that sends no valid Open within this many seconds")
+    p.add_argument("--max-session-s", type=float, default=None,
+                   help="end any session this many seconds after its Open (default: no limit)")
     p.add_argument("--max-streams", type=int, default=256,
-                   help="open Generate streams at most (more are refused at once)")
+                   help="open streams at most, Generate and health Watch (more are refused at "
+                   "once)")
+    p.add_argument("--max-streams-per-peer", type=int, default=64,
+                   help="open streams of one client address")
     p.add_argument("--max-batch", type=int, default=32,
                    help="decode steps per batched forward (1: one at a time)")
-    p.add_argument("--prefill-chunk", type=int, default=256,
-                   help="prefill rows per engine iteration, over all sessions")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prefill rows per engine iteration, shared by the waiting prefills "
+                   "(default: 64 on a CPU, 256 on a GPU)")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="positions of the paged KV cache (default: max sessions x max seq len)")
+                   help="positions of the paged KV cache (default: 16 x --max-seq-len)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="run decode steps as CUDA graphs captured at padded batch sizes "
+                   "(1, 2, 4, 8, 16, 32; needs --device cuda)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://--metrics-host:PORT/metrics "
+                   "(0: a free port; default: no metrics endpoint)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address of the metrics endpoint (0.0.0.0: all interfaces)")
     p.add_argument("--drain-s", type=float, default=10.0,
-                   help="on SIGTERM / Ctrl-C, let open sessions finish this long, then end them")
+                   help="on SIGTERM / Ctrl-C, let open sessions finish this long, then end them "
+                   "(a second signal ends them at once)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="session open / close / abort lines go to stderr at INFO")
@@ -66,6 +87,18 @@ def add_parser(subparsers: Any) -> None:
 
     add_fleet_args(p)
     p.set_defaults(func=cmd_serve)
+
+    i = subparsers.add_parser(
+        "info", help="print a server's Info: what it serves, its limits, its load",
+        description="Ask `fc-edge serve` (or a Ray Serve fleet's proxy) for its ServerInfo.")
+    i.add_argument("server", metavar="HOST:PORT", help="the server (or a gRPC target)")
+    i.add_argument("--token", default=os.environ.get("FC_EDGE_TOKEN"),
+                   help="the server's bearer token (default: $FC_EDGE_TOKEN)")
+    i.add_argument("--tls-ca", help="PEM CA certificate of the server: connect with TLS")
+    i.add_argument("--tls-server-name", help="expected name in the server's certificate")
+    i.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
+    i.add_argument("--json", action="store_true", help="print JSON instead of aligned lines")
+    i.set_defaults(func=cmd_info)
 
     g = subparsers.add_parser(
         "generate", help="generate with the head here and the tail on a server",
@@ -154,8 +187,11 @@ def _check_tokens(n: int) -> None:
 
 
 # --- serve ------------------------------------------------------------------------------------
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+#: `fc-edge serve` exit statuses: 0 after a drain, 1 a user error (one line), 70 (EX_SOFTWARE)
+#: the engine loop died (the orchestrator should restart the server), 130 a second SIGTERM or
+#: Ctrl-C ended the drain early.
+EXIT_ENGINE_DIED = 70
+EXIT_INTERRUPTED = 130
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -170,28 +206,122 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return cmd_serve_fleet(args)
     handle = start_server(
         args.model, args.split_layer, host=args.host, port=args.port, token=args.token,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, max_sessions=args.max_sessions,
-        max_seq_len=args.max_seq_len, max_payload_bytes=args.max_payload_bytes,
-        idle_timeout_s=args.idle_timeout, open_timeout_s=args.open_timeout,
-        max_streams=args.max_streams, device=args.device, dtype=args.dtype,
-        max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-        kv_cache_tokens=args.kv_cache_tokens)
-    extras = [x for x, on in (("TLS", handle.tls), ("token required", args.token)) if on]
+        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host, max_sessions=args.max_sessions,
+        max_sessions_per_peer=args.max_sessions_per_peer, max_seq_len=args.max_seq_len,
+        max_payload_bytes=args.max_payload_bytes, idle_timeout_s=args.idle_timeout,
+        open_timeout_s=args.open_timeout, max_session_s=args.max_session_s,
+        max_streams=args.max_streams, max_streams_per_peer=args.max_streams_per_peer,
+        device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk, kv_cache_tokens=args.kv_cache_tokens,
+        cuda_graphs=args.cuda_graphs)
+    extras = [x for x, on in (("TLS", handle.tls), ("token required", args.token),
+                              ("CUDA graphs", args.cuda_graphs)) if on]
+    if handle.metrics_port is not None:
+        extras.append(f"metrics on {args.metrics_host}:{handle.metrics_port}")
     print(f"fc-edge serve: {args.model} split at layer {handle.split_layer} "
           f"(fingerprint {handle.fingerprint}) on {handle.address} "
           f"[{handle.service.device}, {args.dtype}, max batch {args.max_batch}"
           + (f", {', '.join(extras)}" if extras else "") + "]", flush=True)
+    return _serve_until_signalled(handle, args.drain_s)
+
+
+def _serve_until_signalled(handle: Any, drain_s: float) -> int:
+    """Serve until SIGTERM / Ctrl-C (then drain for ``drain_s``; a second signal ends the drain
+    at once) or until the engine dies. Returns the exit status."""
+    signals: list[int] = []
+    wake = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        signals.append(signum)
+        wake.set()
+        if len(signals) > 1:
+            handle.interrupt()
+
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (docker stop, systemd, Kubernetes) drains as Ctrl-C does: health turns
         # NOT_SERVING, no new sessions, open ones finish for up to --drain-s
-        signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        handle.wait()
-    except KeyboardInterrupt:
-        print(f"fc-edge serve: stopping (draining open sessions for up to {args.drain_s:g} s)",
-              flush=True)
-        handle.stop(drain_s=args.drain_s)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    while not wake.wait(0.2) and not handle.failed.is_set():
+        pass
+    if handle.failed.is_set() and not signals:
+        print("fc-edge serve: the engine loop died (see the log); stopping, exit status "
+              f"{EXIT_ENGINE_DIED}", file=sys.stderr, flush=True)
+        handle.stop(drain_s=0)
+        return EXIT_ENGINE_DIED
+    print(f"fc-edge serve: stopping (draining open sessions for up to {drain_s:g} s; "
+          "a second signal ends them now)", flush=True)
+    stopper = threading.Thread(target=handle.stop, kwargs={"drain_s": drain_s},
+                               name="fc-edge-stop", daemon=True)
+    stopper.start()
+    while stopper.is_alive():
+        stopper.join(0.2)  # wakes for signals (a second one interrupts the drain)
+    if len(signals) > 1:
+        print("fc-edge serve: stopped without draining (second signal), exit status "
+              f"{EXIT_INTERRUPTED}", flush=True)
+        return EXIT_INTERRUPTED
+    return EXIT_ENGINE_DIED if handle.failed.is_set() else 0
+
+
+# --- info -------------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    info = fetch_info(args.server, token=args.token, tls_ca=args.tls_ca,
+                      tls_server_name=args.tls_server_name, timeout_s=args.timeout)
+    if args.json:
+        import json
+
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps(MessageToDict(info, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True), indent=2))
+    else:
+        print(format_info(info))
     return 0
+
+
+def fetch_info(address: str, token: str | None = None, tls_ca: str | None = None,
+               tls_server_name: str | None = None, timeout_s: float = 10.0) -> Any:
+    """The ``ServerInfo`` of the server at ``address`` (HOST:PORT or a gRPC target)."""
+    import grpc
+
+    from fc_edge.runtime.proto import pb2, pb2_grpc
+
+    options = []
+    if tls_ca is not None:
+        try:
+            with open(tls_ca, "rb") as f:
+                ca = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read the TLS CA file {tls_ca!r}: {e.strerror}") from None
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(ca), options)
+    else:
+        channel = grpc.insecure_channel(address, options)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    try:
+        return pb2_grpc.SplitInferenceStub(channel).Info(pb2.InfoRequest(), metadata=metadata,
+                                                        timeout=timeout_s)
+    except grpc.RpcError as e:
+        raise ConfigError(f"no Info from {address}: {e.code().name}: {e.details()}") from None
+    finally:
+        channel.close()
+
+
+def format_info(info: Any) -> str:
+    """``ServerInfo`` as aligned ``field  value`` lines, in the message's field order."""
+    fields = info.DESCRIPTOR.fields
+    width = max(len(f.name) for f in fields)
+    lines = []
+    for f in fields:
+        value = getattr(info, f.name)
+        if isinstance(value, float):
+            value = f"{value:g}"
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
+        lines.append(f"{f.name:<{width}}  {value}")
+    return "\n".join(lines)
 
 
 # --- generate ---------------------------------------------------------------------------------

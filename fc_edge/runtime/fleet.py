@@ -96,6 +96,9 @@ class EdgeReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # made here, on the replica's event loop, where its coroutines will run
         self.service = EdgeService(model, split_layer, **options)
+        # Ray Serve has waited graceful_shutdown_timeout_s (--drain-s) for the open streams when
+        # it deletes a replica: what is left ends at once
+        self._drain_s = 0.0
         log.info("replica %s serving %s", self.replica_id, model)
 
     async def Generate(self, request_stream: AsyncIterator[Any],  # noqa: N802 - gRPC name
@@ -427,7 +430,9 @@ _SERVICE_FLAGS = {
     "max_payload_bytes": "max_payload_bytes", "idle_timeout": "idle_timeout_s",
     "open_timeout": "open_timeout_s", "max_streams": "max_streams", "device": "device",
     "dtype": "dtype", "max_batch": "max_batch", "prefill_chunk": "prefill_chunk",
-    "kv_cache_tokens": "kv_cache_tokens",
+    "kv_cache_tokens": "kv_cache_tokens", "max_sessions_per_peer": "max_sessions_per_peer",
+    "max_streams_per_peer": "max_streams_per_peer", "max_session_s": "max_session_s",
+    "cuda_graphs": "cuda_graphs",
 }
 
 

@@ -20,8 +20,8 @@ import torch
 
 from fc_edge.codecs import get_codec, wire
 from fc_edge.errors import FcEdgeError
-from fc_edge.runtime.proto import pb2, pb2_grpc
-from fc_edge.runtime.protocol import PROTOCOL_VERSION
+from fc_edge.runtime.proto import pb2_grpc
+from fc_edge.runtime.protocol import activation_frame, close_frame, open_frame
 
 
 @dataclass(frozen=True)
@@ -77,16 +77,13 @@ def run_load(address: str, fingerprint: str, split_layer: int, hidden_size: int,
 
         try:
             barrier.wait()
-            outbox.put(pb2.ClientFrame(open=pb2.Open(
-                protocol_version=PROTOCOL_VERSION, model_fingerprint=fingerprint,
-                split_layer=split_layer, codec=pb2.CodecSpec(name="identity", config_json="{}"),
-                max_seq_len=prompt_len + tokens, max_new_tokens=tokens)))
+            outbox.put(open_frame(fingerprint, split_layer, "identity",
+                                  max_seq_len=prompt_len + tokens, max_new_tokens=tokens))
             call = stub.Generate(frames(), metadata=metadata, timeout=3600)
             next(call)  # Ready
             last = None
             for step in range(tokens):
-                outbox.put(pb2.ClientFrame(activation=pb2.Activation(
-                    step=step, payload=prefill if step == 0 else row)))
+                outbox.put(activation_frame(step, prefill if step == 0 else row))
                 frame = next(call)
                 now = time.perf_counter()
                 if last is not None:
@@ -94,7 +91,7 @@ def run_load(address: str, fingerprint: str, split_layer: int, hidden_size: int,
                 last = now
                 if frame.token.done:
                     break
-            outbox.put(pb2.ClientFrame(close=pb2.Close()))
+            outbox.put(close_frame())
             outbox.put(None)
             for _ in call:
                 pass
@@ -114,3 +111,39 @@ def run_load(address: str, fingerprint: str, split_layer: int, hidden_size: int,
     if errors:
         raise LoadError(f"{len(errors)} of {sessions} sessions failed: {errors[0]}")
     return LoadResult(sessions, tokens, wall, [t for ts in times for t in ts])
+
+
+def first_token_s(address: str, fingerprint: str, split_layer: int, hidden_size: int,
+                  rows: int, seed: int = 0, token: str | None = None) -> float:
+    """Seconds from sending a ``rows``-row prefill to receiving its token (one session, EOS
+    off; the session is opened before the clock starts)."""
+    g = torch.Generator().manual_seed(seed)
+    payload = wire.pack(get_codec("identity").encode(torch.randn(rows, hidden_size, generator=g)))
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def frames():
+        while (frame := outbox.get()) is not None:
+            yield frame
+
+    channel = grpc.insecure_channel(address, [("grpc.max_send_message_length", -1)])
+    try:
+        call = pb2_grpc.SplitInferenceStub(channel).Generate(frames(), metadata=metadata,
+                                                              timeout=3600)
+        outbox.put(open_frame(fingerprint, split_layer, "identity", max_seq_len=rows + 1,
+                              max_new_tokens=1))
+        next(call)  # Ready
+        t0 = time.perf_counter()
+        outbox.put(activation_frame(0, payload))
+        next(call)
+        seconds = time.perf_counter() - t0
+        outbox.put(close_frame())
+        outbox.put(None)
+        for _ in call:
+            pass
+        return seconds
+    except grpc.RpcError as e:
+        outbox.put(None)
+        raise LoadError(f"the session failed: {e.code().name}: {e.details()}") from None
+    finally:
+        channel.close()

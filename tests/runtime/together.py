@@ -1,4 +1,5 @@
-"""Running several client sessions at once in tests: one thread each, released together."""
+"""Running several client sessions at once in tests: one thread each, released together; and
+the oracle their tokens are held to (Hugging Face's own ``generate``)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,15 @@ def run_together(n: int, work: Callable[[int], T], timeout: float = 300) -> list
         t.join(timeout)
     assert not errors, errors
     return results
+
+
+def hf_generate(model, ids, n: int) -> list[int]:
+    """Greedy tokens of Hugging Face's own generate (the oracle), never stopping early: the
+    EOS id is one no token has (min_new_tokens would instead forbid the model's EOS token)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=n, pad_token_id=0,
+                             eos_token_id=model.config.vocab_size)
+    return out[0, len(ids):].tolist()
