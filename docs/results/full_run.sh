@@ -7,7 +7,8 @@
 #   bash docs/results/full_run.sh accuracy     # none + rotated, then none + int8 + fourier + topk
 #   bash docs/results/full_run.sh main         # only the first (none + rotated)
 #   bash docs/results/full_run.sh others       # only the second (in a second process beside it)
-#   bash docs/results/full_run.sh perplexity   # per-token perplexity, 400 documents
+#   bash docs/results/full_run.sh perplexity   # per-token perplexity, the 400 evaluation documents
+#   (issue 22: docs/results/rescore.sh scored main and others again at the current code)
 #
 # OUT (default docs/results/full) holds the records (*.jsonl), the JSON and the tables.
 set -euo pipefail
@@ -28,9 +29,10 @@ accuracy() {  # $1 codecs, $2 name
 }
 
 perplexity() {
-  for lim in 25 50 100 200 400; do
-    nice -n 10 $FC eval --perplexity "$SHARED/texts/dev.txt" --per-token --max-tokens 512 \
-      --split-layer 1 --codecs none,rotated --limit "$lim" --threads "$THREADS" --no-progress \
+  for lim in 100 400; do   # the evaluation part of the de-duplicated dev.txt (issue 22)
+    nice -n 10 $FC eval --perplexity "$SHARED/texts/dev.txt" --documents evaluation --per-token \
+      --max-tokens 512 --split-layer 1 --codecs 'none,int8,rotated,fourier[ratio=8],topk[ratio=8]' \
+      --limit "$lim" --threads "$THREADS" --no-progress \
       --records "$OUT/ppl_per_token.jsonl" --json "$OUT/ppl_per_token.json" \
       --out-dir "$OUT/ppl_per_token" > "$OUT/ppl_per_token.md"
   done

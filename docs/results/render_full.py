@@ -1,18 +1,22 @@
-"""Markdown for docs/results.md §0 from the full-set run's JSON (docs/results/full_run.sh).
+"""Markdown for docs/results.md §0 from the full-set runs (docs/results/full_run.sh).
 
-    .venv/bin/python docs/results/render_full.py [docs/results/full] > /tmp/section0.md
+    .venv/bin/python docs/results/render_full.py [docs/results/full]          # print it
+    .venv/bin/python docs/results/render_full.py --write [docs/results/full]  # into results.md
 
-Accuracy runs are read from their records (``*.jsonl``), so items of an unfinished stage count
-too: every task contributes its first k scored items. Prints, per accuracy run, how many items
-of each task are scored against the task's size, the
-table with intervals (acc and acc_norm), and the goal verdicts from the intervals; then the
-per-token perplexity table, with the interval on the first 40 documents as well (the documents
-of docs/results.md §7). Also writes full.json (every run's JSON in one file) beside the runs.
+Accuracy runs are read from their records (``*.jsonl``, or ``*.jsonl.xz`` as committed), so
+items of an unfinished stage count too: every task contributes its first k scored items; the
+provenance (commit, wire-format version, data hashes, what was reused from which file) is
+taken from the run's JSON, which ``fc-edge eval --json`` writes. Prints, per accuracy run, how
+many items of each task are scored against the task's size, the table with intervals (acc and
+acc_norm) and the goal verdicts from the intervals; then the per-token perplexity table; then
+the verdict on the fidelity goal. ``--write`` replaces the text between the FULL-RESULTS
+markers of docs/results.md. Also writes full.json (every run's JSON in one file).
 """
 
 from __future__ import annotations
 
 import json
+import lzma
 import sys
 from pathlib import Path
 
@@ -48,7 +52,9 @@ def from_records(path: Path) -> dict:
     from fc_edge.eval.settings import build_settings
     from fc_edge.eval.summary import summarize
 
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = (lzma.open(path, "rt", encoding="utf-8").read() if path.suffix == ".xz"
+            else path.read_text(encoding="utf-8"))
+    lines = text.splitlines()
     run = json.loads(lines[0])["run"]
     by_task: dict[str, dict[int, dict]] = {}
     for line in lines[1:]:
@@ -99,43 +105,113 @@ def accuracy_section(name: str, res: dict) -> list[str]:
     return lines
 
 
+def provenance_line(res: dict) -> str:
+    """Which code made a run's figures: commit(s), wire-format version, what was reused."""
+    prov = res.get("provenance") or {}
+    sessions = res.get("sessions") or [prov]
+    commits = sorted({s_["commit"][:7] for s_ in sessions if s_.get("commit")})
+    wires = sorted({s_.get("wire_version") for s_ in sessions if s_.get("wire_version")})
+    text = (f"Records: commit {', '.join(f'`{c}`' for c in commits) or 'not recorded'}, "
+            f"wire format version {', '.join(map(str, wires)) or 'not recorded'}")
+    reused = prov.get("reused")
+    if reused:
+        text += (f"; the scores of {', '.join(f'`{x}`' for x in reused['settings'])} reused "
+                 f"from `{reused['file']}` (sha256 {reused['sha256'][:12]}…)")
+    return text + "."
+
+
 def perplexity_section(res: dict) -> list[str]:
+    part = res.get("documents_part", "all")
+    which = ("the evaluation part (the first 400 documents; nothing is calibrated or tuned on "
+             "them)" if part == "evaluation" else f"part `{part}`")
     lines = [f"**Per-token perplexity**: {res['documents']} documents of "
-             f"`../shared/texts/dev.txt` (the first {res['documents']} lines), "
+             f"`../shared/texts/dev.txt` (de-duplicated; {which}; "
+             f"{res.get('distinct_texts', res['documents'])} distinct texts), "
              f"{res['tokens']:,} scored tokens, at most {res['max_tokens']} tokens each; one "
-             "message per token, as at decode steps.", "", report.perplexity_markdown(res), ""]
-    tokens, ref = res["doc_tokens"], res["doc_ref_nll"]
+             "message per token, as at decode steps. " + provenance_line(res), "",
+             report.perplexity_markdown(res), ""]
     for label, r in res["results"]["1"].items():
         if "delta_ci95" not in r:
             continue
         lo, hi = r["delta_ci95"]
-        n40 = min(40, len(tokens))
-        lo40, hi40 = (100 * v for v in stats.delta_ppl_ci(ref[:n40], r["doc_nll"][:n40],
-                                                           tokens[:n40]))
         lines.append(f"- `{label}`: Δppl {r['delta']:+.2f}%, 95% interval [{lo:+.2f}%, "
-                     f"{hi:+.2f}%] over {len(tokens)} documents (documents resampled in "
-                     f"pairs). Within +1% by the interval: **{verdict(lo, hi, GOAL_PPL)}"
-                     f"**. On the first {n40} documents alone: [{lo40:+.2f}%, {hi40:+.2f}%].")
+                     f"{hi:+.2f}%] over {res['documents']} documents (resampled in pairs, "
+                     f"copies of one text as one cluster); {32 / r['byte_ratio']:.2f} bits per "
+                     f"element. Within +1% by the interval: "
+                     f"**{verdict(lo, hi, GOAL_PPL)}**.")
     return lines
 
 
+def verdict_section(main: dict | None, ppl: dict | None) -> list[str]:
+    """The fidelity goal for ``rotated`` (defaults) at split 1, from the intervals."""
+    if main is None or ppl is None or "rotated" not in main["results"]["1"] \
+            or "rotated" not in ppl["results"]["1"]:
+        return []
+    acc, per = main["results"]["1"]["rotated"], ppl["results"]["1"]["rotated"]
+    a_lo, a_hi = acc["delta_ci95"]
+    p_lo, p_hi = per["delta_ci95"]
+    bits = 32.0 / acc["mean"]["byte_ratio_pooled"]
+    acc_v, ppl_v = verdict(-a_hi, -a_lo, GOAL_ACC), verdict(p_lo, p_hi, GOAL_PPL)
+    whole = "met" if acc_v == ppl_v == "yes" else (
+        "not met" if "no" in (acc_v[:2], ppl_v[:2]) else "not established")
+    return ["**Verdict on the fidelity goal** for `rotated` (defaults), split after layer 1, "
+            "judged by the intervals:", "",
+            f"- **Bytes** (≤ 1/8 of float32): **{'met' if bits <= GOAL_BITS else 'not met'}**: "
+            f"{bits:.2f} bits per element over all sequences, and at most 4 on every message "
+            f"by construction ({per['bytes']:.0f} bytes per 576-value decode row).",
+            f"- **Accuracy within 0.5 points** (ten-task mean, complete dev sets): "
+            f"**{acc_v}**: Δacc {acc['delta']:+.2f} points [{a_lo:+.2f}, {a_hi:+.2f}] "
+            f"(n = {acc['stats']['acc']['n']:,}).",
+            f"- **Perplexity within 1%** (per token, as at decode steps): **{ppl_v}**: "
+            f"Δppl {per['delta']:+.2f}% [{p_lo:+.2f}%, {p_hi:+.2f}%] "
+            f"({ppl['documents']} documents).",
+            f"- The goal as a whole: **{whole}**.", ""]
+
+
+def load_run(folder: Path, name: str) -> dict | None:
+    """Run ``name``'s accuracy result from its records, with the provenance of its JSON."""
+    path = next((p for p in (folder / f"{name}.jsonl", folder / f"{name}.jsonl.xz")
+                 if p.is_file()), None)
+    if path is None:
+        return None
+    res = from_records(path)  # all items scored so far, not only finished stages
+    js = folder / f"{name}.json"
+    if js.is_file():
+        old = json.loads(js.read_text(encoding="utf-8"))
+        for key in ("provenance", "sessions", "model", "device"):
+            if key in old:
+                res[key] = old[key]
+    return res
+
+
+MARKERS = ("<!-- FULL-RESULTS -->", "<!-- /FULL-RESULTS -->")
+
+
 def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/full")
+    args = [a for a in sys.argv[1:] if a != "--write"]
+    folder = Path(args[0] if args else "docs/results/full")
     out, bundle = [], {}
     for name in ("main", "others"):
-        path = folder / f"{name}.jsonl"
-        if path.is_file():
-            res = from_records(path)  # all items scored so far, not only finished stages
+        res = load_run(folder, name)
+        if res is not None:
             (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
             bundle[name] = res
-            out += accuracy_section(name, res) + [""]
+            out += accuracy_section(name, res) + [provenance_line(res), ""]
     path = folder / "ppl_per_token.json"
     if path.is_file():
         res = json.loads(path.read_text())
         bundle["perplexity_per_token"] = res
-        out += perplexity_section(res)
+        out += perplexity_section(res) + [""]
+    out += verdict_section(bundle.get("main"), bundle.get("perplexity_per_token"))
     (folder.parent / "full.json").write_text(json.dumps(bundle, indent=1))
-    print("\n".join(out))
+    text = "\n".join(out)
+    if "--write" not in sys.argv[1:]:
+        print(text)
+        return
+    doc = Path("docs/results.md")
+    md = doc.read_text(encoding="utf-8")
+    start, end = md.index(MARKERS[0]) + len(MARKERS[0]), md.index(MARKERS[1])
+    doc.write_text(md[:start] + "\n" + text.rstrip() + "\n" + md[end:], encoding="utf-8")
 
 
 if __name__ == "__main__":
