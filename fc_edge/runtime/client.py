@@ -267,7 +267,11 @@ class DeviceClient:
         self.eos_token_ids = dh.eos_token_ids
         # Bind the codec to the model's channel weights (noise shaping for `rotated`) and the
         # calibration (klt); the server holds the same for the model it serves.
-        self.codec.bind(self._codec_context(dh))
+        try:
+            self.codec.bind(self._codec_context(dh))
+        except BaseException:
+            self.close()
+            raise
         self.fallback = get_codec(FALLBACK_CODEC)
         self._refused_rows: set[int] = set()
         self.device = _device_of(dh.head)

@@ -11,6 +11,7 @@ import json
 import grpc
 import pytest
 import torch
+from together import run_together  # tests/runtime is on sys.path (pytest rootdir mode)
 
 from fc_edge.codecs import get_codec, wire
 from fc_edge.codecs.calibration import fit, model_context
@@ -123,6 +124,27 @@ def _predict_param(payload: bytes) -> int:
     return values[-1]
 
 
+def test_concurrent_klt_sessions_keep_their_own_state(server, tiny_llama, artifact):
+    """Each session's decode rows are decoded with its own last sampled token: sessions run at
+    once (their steps batched together) each give the in-process split's tokens."""
+    from fc_edge.codecs.calibration import load
+    from fc_edge.models.local import generate_split
+    from fc_edge.models.split import split
+
+    head, tail = split(tiny_llama, LAYER)
+    codec = get_codec("klt", bits=4).bind(model_context(tiny_llama, LAYER, load(artifact)))
+    prompts = [PROMPT[i:] for i in range(3)]
+    want = [generate_split(head, tail, p, 10, codec=codec) for p in prompts]
+    assert len({tuple(w) for w in want}) == 3  # different sessions, different tokens
+
+    def work(i: int) -> list[int]:
+        with DeviceClient(server.address, tiny_llama, LAYER, get_codec("klt", bits=4),
+                          calibration=artifact) as client:
+            return client.generate(prompts[i], 10, eos_token_id=None).token_ids
+
+    assert run_together(3, work) == want
+
+
 def test_info_lists_the_artifact_and_an_old_client_still_works(server, tiny_llama, artifact):
     with DeviceClient(server.address, tiny_llama, LAYER, "identity") as client:
         assert list(client.info().calibrations) == [digest(artifact)]
@@ -203,3 +225,20 @@ def test_session_error_names_the_refusal(server, tiny_llama, artifact, monkeypat
         with pytest.raises(SessionError) as info:
             client.generate(PROMPT, 2, eos_token_id=None)
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_an_engine_head_refuses_klt_in_one_line(server, tiny_llama, artifact):
+    """A head run by ONNX Runtime or TensorRT (an exported bundle's graphs) has no torch layers
+    to run on each token alone, which klt's decode-step predictor needs: refused at once."""
+
+    class OnnxHead:  # what fc_edge.engine.runner.EngineHead shows of itself
+        backend = "onnxruntime"
+        hidden_size = 64
+
+        def start(self, max_seq_len):
+            raise AssertionError("never started")
+
+    with pytest.raises(ConfigError, match="the onnxruntime engine cannot run codec klt") as e:
+        DeviceClient(server.address, tiny_llama, LAYER, get_codec("klt", bits=4),
+                     head=OnnxHead(), calibration=artifact)
+    assert "\n" not in str(e.value) and "--engine-backend torch" in str(e.value)
