@@ -325,7 +325,9 @@ def format_info(info: Any) -> str:
     lines = []
     for f in fields:
         value = getattr(info, f.name)
-        if isinstance(value, float):
+        if f.is_repeated:
+            value = ", ".join(str(v) for v in value) or "none"
+        elif isinstance(value, float):
             value = f"{value:g}"
         elif isinstance(value, bool):
             value = "yes" if value else "no"
