@@ -185,7 +185,11 @@ class DeviceClient:
     ``lb_policy`` is gRPC's load-balancing policy of each channel (``round_robin`` spreads the
     sessions of one target over all the addresses its name resolves to). Sessions go round the
     list from server ``first_server`` (default: a random one). ``strict`` and ``on_warning``:
-    see the module doc.
+    see the module doc. ``calibration``: the codec's calibration artifact (a path or a loaded
+    :class:`~fc_edge.codecs.calibration.Calibration`; ``klt`` needs one): every reachable
+    server's ``Info`` must list its SHA-256 (checked before any weight is read), each ``Open``
+    names it, and each decode step is encoded knowing its token, as the server decodes it
+    (docs/protocol.md, "Calibration").
     """
 
     def __init__(
