@@ -351,6 +351,14 @@ class DeviceClient:
             raise ConfigError(f"the {backend} engine cannot run codec {self.codec.name} (its "
                               "decode-step predictor runs the head on each token alone): use "
                               "--engine-backend torch, or another codec")
+        if head.embed_tokens.weight.dtype != torch.float32:
+            # the server's predictor runs its float32 model: a rounded head predicts a little
+            # differently, and the server decodes the rows against its own prediction
+            self._problem(("klt-dtype",),
+                          f"{self.codec.name}: the decode-step predictor runs this device's "
+                          f"{str(head.embed_tokens.weight.dtype).removeprefix('torch.')} head; "
+                          "the server's runs in float32, so decode rows carry the difference "
+                          "(use --dtype float32 for exact decode rows)")
         ctx = CodecContext(weights=weights, calibration=cal, features=head_features(head),
                            embedding=head.embed_tokens.weight.detach())
         predictions(ctx, cal, torch.zeros(1, dtype=torch.long))  # the table, once, now
