@@ -242,3 +242,21 @@ def test_an_engine_head_refuses_klt_in_one_line(server, tiny_llama, artifact):
         DeviceClient(server.address, tiny_llama, LAYER, get_codec("klt", bits=4),
                      head=OnnxHead(), calibration=artifact)
     assert "\n" not in str(e.value) and "--engine-backend torch" in str(e.value)
+
+
+def test_cli_one_line_errors_and_info(server, artifact, capsys):
+    from fc_edge.cli import main
+
+    assert main(["generate", "--model", "synthetic:tiny-llama", "--split-layer", str(LAYER),
+                 "--server", server.address, "--codec", "klt", "--bits", "4.5",
+                 "--prompt", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fc-edge generate: error:") and "--calibration PATH" in err
+    assert "\n" not in err
+    assert main(["serve", "--model", "synthetic:tiny-llama", "--split-layer", "1", "--port",
+                 "0", "--calibration", str(artifact)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fc-edge serve: error: calibration {artifact.stem} was fitted after layer "
+                   f"{LAYER}, the split is at layer 1")
+    assert main(["info", server.address]) == 0
+    assert f"calibrations           {digest(artifact)}" in capsys.readouterr().out
