@@ -29,6 +29,13 @@ VERB_MODULES = {
     "fc_edge.codecs.commands": ("bench", "codecs"),
 }
 
+def _number(text: str) -> int | float:
+    """An integer when written as one (``3``), else a float (``3.2``)."""
+    return int(text) if text.strip().lstrip("+-").isdigit() else float(text)
+
+
+_number.__name__ = "number"  # argparse names the type in its error: "invalid number value"
+
 # Codec flags: `--codec NAME` plus one flag per codec keyword, named after it.
 CODEC_FLAGS: dict[str, dict[str, Any]] = {
     "ratio": {"type": float, "help": "target compression ratio: packed bytes <= raw bytes / R"},
@@ -38,7 +45,9 @@ CODEC_FLAGS: dict[str, dict[str, Any]] = {
     "value_dtype": {"help": "dtype of sent values: float32 | float16 | bfloat16"},
     "k": {"type": int, "help": "topk: kept values per activation"},
     "rank": {"type": int, "help": "svd/qr: kept rank"},
-    "bits": {"type": int, "help": "quant/rotated: bits per code (2-8; quant also 16)"},
+    "bits": {"type": _number,
+             "help": "quant/rotated: bits per code (2-8; quant also 16); klt: bits per "
+             "element (a number, e.g. 3.2)"},
     "group_size": {"type": int, "help": "quant/rotated: values per scale (0 = one per row)"},
     "transform": {"help": "rotated: dct | hadamard"},
     "keep": {"type": int, "help": "rotated: transformed coefficients kept per row (truncation)"},

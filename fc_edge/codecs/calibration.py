@@ -164,27 +164,54 @@ def calibration_texts(path: Path | None = None, limit: int | None = None
 def token_features(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``(N,) long -> (N, D) float32``: the head (embedding + layers[:layer]) run on each token
     alone at position 0. The head is built on first use (it copies the layers)."""
-    state: dict[str, Any] = {}
+
+    def build() -> Any:
+        from fc_edge.models.head import Head
+
+        head = Head.from_hf(model, layer)
+        head.embed_tokens.weight = model.model.embed_tokens.weight  # share, not copy
+        return head
+
+    return head_features(build)
+
+
+def head_features(head: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`token_features` of a :class:`~fc_edge.models.head.Head` (what a device holds),
+    or of a function that builds one on first use."""
+    state: dict[str, Any] = {} if callable(head) and not hasattr(head, "empty_kv") \
+        else {"head": head}
 
     @torch.inference_mode()
     def features(tokens: torch.Tensor) -> torch.Tensor:
         if "head" not in state:
-            from fc_edge.models.head import Head
-
-            head = Head.from_hf(model, layer)
-            head.embed_tokens.weight = model.model.embed_tokens.weight  # share, not copy
-            state["head"] = head
-        head = state["head"]
-        ids = tokens.reshape(-1, 1).to(head.embed_tokens.weight.device)
+            state["head"] = head()
+        h = state["head"]
+        ids = tokens.reshape(-1, 1).to(h.embed_tokens.weight.device)
         out = []
         for a in range(0, ids.shape[0], 1024):
             chunk = ids[a: a + 1024]
-            pk, pv = head.empty_kv(chunk.shape[0], 0)
-            x, _, _ = head(chunk, torch.zeros_like(chunk), pk, pv)
+            pk, pv = h.empty_kv(chunk.shape[0], 0)
+            x, _, _ = h(chunk, torch.zeros_like(chunk), pk, pv)
             out.append(x[:, 0].float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, head.hidden_size)
+        return torch.cat(out) if out else torch.zeros(0, h.hidden_size)
 
     return features
+
+
+def check_artifact(cal: Calibration, fingerprint: str, layer: int, hidden_size: int) -> None:
+    """ConfigError unless ``cal`` was fitted for this model (its JSON's ``model_fingerprint``,
+    when recorded), split ``layer`` (its ``layer``) and hidden size."""
+    meta = cal.meta
+    if cal.hidden_size != hidden_size:
+        raise ConfigError(f"calibration {cal.name} is for hidden size {cal.hidden_size}, the "
+                          f"model has {hidden_size}")
+    if "layer" in meta and int(meta["layer"]) != layer:
+        raise ConfigError(f"calibration {cal.name} was fitted after layer {meta['layer']}, the "
+                          f"split is at layer {layer}")
+    recorded = meta.get("model_fingerprint")
+    if recorded and recorded != fingerprint:
+        raise ConfigError(f"calibration {cal.name} was fitted on model {recorded}, this model is "
+                          f"{fingerprint}")
 
 
 def model_context(model: Any, layer: int, calibration: Calibration | None = None
@@ -290,6 +317,7 @@ def fit(model: Any, tokenizer: Any, layer: int, texts: Sequence[str], max_tokens
         sensitivity: str = "rmsnorm", ridge: float = 1e-4, progress: bool = True,
         meta: dict[str, Any] | None = None) -> Calibration:
     """Fit a :class:`Calibration` of ``model`` split after ``layer`` on ``texts``."""
+    from fc_edge.models.pretrained import model_fingerprint
     from fc_edge.models.split import channel_weights
 
     if sensitivity not in SENSITIVITIES:
@@ -304,7 +332,7 @@ def fit(model: Any, tokenizer: Any, layer: int, texts: Sequence[str], max_tokens
                     ridge=ridge,
                     meta={"layer": layer, "sensitivity": sensitivity, "rows": int(h.shape[0]),
                           "documents": len(texts), "max_tokens": max_tokens, "ridge": ridge,
-                          **(meta or {})})
+                          "model_fingerprint": model_fingerprint(model), **(meta or {})})
 
 
 def _weights(sensitivity: str, h: torch.Tensor, sq_grads: torch.Tensor | None,

@@ -25,7 +25,9 @@ def generate_split(
 
     Prefill: the head runs the whole prompt, the (S, D) activation goes through ``codec``
     (encode, then decode, when one is given) to the tail, whose last row's argmax is the first
-    token. Each decode step then sends one (1, D) row. Stops after a token in ``eos_token_id``
+    token. Each decode step then sends one (1, D) row, coded knowing its token (the one just
+    sampled: :meth:`~fc_edge.codecs.context.CodecContext.with_tokens`), through the wire
+    format, as the runtime sends it. Stops after a token in ``eos_token_id``
     (which is included in the result), like ``model.generate``.
     """
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
@@ -41,7 +43,8 @@ def generate_split(
         stop = {int(t) for t in eos_token_id}
     decode = None
     if codec is not None:
-        from fc_edge.codecs.base import decode  # the codec package is optional at import time
+        from fc_edge.codecs import wire  # the codec package is optional at import time
+        from fc_edge.codecs.base import decode
 
     out: list[int] = []
     hs = head.start(ids.numel() + max(max_new_tokens, 1))
@@ -50,7 +53,10 @@ def generate_split(
     for _ in range(max_new_tokens):
         a = hs.step(step_ids)
         if codec is not None:
-            a = decode(codec.encode(a), codec.context)  # both ends hold the bound context
+            # both ends hold the bound context; at a decode step, the row's token too (the
+            # token just sampled: what ``klt`` predicts the row from)
+            ctx = codec.context if out == [] else codec.context.with_tokens(step_ids)
+            a = decode(wire.unpack(wire.pack(codec.encode(a, ctx)), ctx=ctx), ctx)
         token = int(ts.step(a)[-1].argmax())
         out.append(token)
         if token in stop:

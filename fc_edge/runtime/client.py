@@ -185,7 +185,11 @@ class DeviceClient:
     ``lb_policy`` is gRPC's load-balancing policy of each channel (``round_robin`` spreads the
     sessions of one target over all the addresses its name resolves to). Sessions go round the
     list from server ``first_server`` (default: a random one). ``strict`` and ``on_warning``:
-    see the module doc.
+    see the module doc. ``calibration``: the codec's calibration artifact (a path or a loaded
+    :class:`~fc_edge.codecs.calibration.Calibration`; ``klt`` needs one): every reachable
+    server's ``Info`` must list its SHA-256 (checked before any weight is read), each ``Open``
+    names it, and each decode step is encoded knowing its token, as the server decodes it
+    (docs/protocol.md, "Calibration").
     """
 
     def __init__(
@@ -209,6 +213,7 @@ class DeviceClient:
         first_server: int | None = None,
         strict: bool = False,
         on_warning: Callable[[str], None] | None = None,
+        calibration: str | Path | Any = None,
     ) -> None:
         self.servers = split_servers(address)
         if isinstance(max_recoveries, bool) or not isinstance(max_recoveries, int) \
@@ -227,6 +232,9 @@ class DeviceClient:
         else:
             self.codec = codec
             self.codec_label = codec.name
+        # the calibration artifact (klt): loaded before anything else is read, named by its
+        # SHA-256 in every Open; the servers must list it in their Info
+        self.calibration = _calibration(calibration, self.codec)
         self.timeout_s = timeout_s
         self.address = ",".join(self.servers)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -237,6 +245,7 @@ class DeviceClient:
             first_server = random.randrange(len(self.servers))
         self._turn = itertools.count(first_server)
         self._reached: set[int] = set()  # servers that opened a session for this client
+        self._checked = False  # check_servers ran
         try:
             dh = self._device_head(model_spec_or_model, split_layer, tokenizer, head,
                                    fingerprint, device, dtype)
@@ -245,6 +254,12 @@ class DeviceClient:
             raise
         if fingerprint is not None:  # what the device claims to hold (tests force others)
             dh = dataclasses.replace(dh, fingerprint=fingerprint)
+        if self.calibration is not None and not self._checked:
+            try:
+                self.check_servers(dh.fingerprint, dh.split_layer)
+            except BaseException:
+                self.close()
+                raise
         self.device_head = dh
         self.model = model_spec_or_model if _is_model(model_spec_or_model) else None
         if isinstance(model_spec_or_model, tuple):
@@ -254,9 +269,13 @@ class DeviceClient:
         self.head: HeadRunner = dh.head
         self.fingerprint = dh.fingerprint
         self.eos_token_ids = dh.eos_token_ids
-        # Bind the codec to the model's channel weights (noise shaping for `rotated`); the
-        # server registers the same vector for the model it serves.
-        self.codec.bind(dh.channel_weights)
+        # Bind the codec to the model's channel weights (noise shaping for `rotated`) and the
+        # calibration (klt); the server holds the same for the model it serves.
+        try:
+            self.codec.bind(self._codec_context(dh))
+        except BaseException:
+            self.close()
+            raise
         self.fallback = get_codec(FALLBACK_CODEC)
         self._refused_rows: set[int] = set()
         self.device = _device_of(dh.head)
@@ -306,10 +325,44 @@ class DeviceClient:
             layer = ckpt.split_layer  # a bundle's own
         ckpt.check_split_layer(layer)
         ckpt.check_placement(device, dtype)
-        if not isinstance(ckpt, ModelCheckpoint):
-            # weights come from files: make sure a server will take them before reading them
+        if not isinstance(ckpt, ModelCheckpoint) or self.calibration is not None:
+            # weights come from files (or the codec needs the servers' artifact): make sure a
+            # server will take them before reading them
             self.check_servers(ckpt.fingerprint(), layer)
         return ckpt.device_head(layer, device, dtype)
+
+    def _codec_context(self, dh: DeviceHead) -> Any:
+        """The device's codec context: the channel weights and, with a calibration, the
+        artifact and what its decode-step predictor reads (the head on each token alone, the
+        embedding), computed here from the device's own head."""
+        from fc_edge.codecs.context import ChannelWeights, CodecContext
+
+        weights = None if dh.channel_weights is None else ChannelWeights.of(dh.channel_weights)
+        cal = self.calibration
+        if cal is None:
+            return CodecContext(weights=weights)
+        from fc_edge.codecs.calibration import check_artifact, head_features
+        from fc_edge.codecs.klt import predictions
+
+        check_artifact(cal, dh.fingerprint, dh.split_layer, dh.hidden_size or cal.hidden_size)
+        head = dh.head
+        if not hasattr(head, "empty_kv") or not hasattr(head, "embed_tokens"):
+            backend = getattr(head, "backend", type(head).__name__)
+            raise ConfigError(f"the {backend} engine cannot run codec {self.codec.name} (its "
+                              "decode-step predictor runs the head on each token alone): use "
+                              "--engine-backend torch, or another codec")
+        if head.embed_tokens.weight.dtype != torch.float32:
+            # the server's predictor runs its float32 model: a rounded head predicts a little
+            # differently, and the server decodes the rows against its own prediction
+            self._problem(("klt-dtype",),
+                          f"{self.codec.name}: the decode-step predictor runs this device's "
+                          f"{str(head.embed_tokens.weight.dtype).removeprefix('torch.')} head; "
+                          "the server's runs in float32, so decode rows carry the difference "
+                          "(use --dtype float32 for exact decode rows)")
+        ctx = CodecContext(weights=weights, calibration=cal, features=head_features(head),
+                           embedding=head.embed_tokens.weight.detach())
+        predictions(ctx, cal, torch.zeros(1, dtype=torch.long))  # the table, once, now
+        return ctx
 
     @staticmethod
     def _checkpoint(source: Any, tokenizer: Any) -> Checkpoint:
@@ -347,6 +400,11 @@ class DeviceClient:
         self.stubs = [pb2_grpc.SplitInferenceStub(c) for c in self.channels]
         self.channel, self.stub = self.channels[0], self.stubs[0]
 
+    @property
+    def calibration_hash(self) -> str:
+        """``Open.calibration``: the SHA-256 of the artifact, "" without one."""
+        return self.calibration.digest if self.calibration is not None else ""
+
     def check_servers(self, fingerprint: str | None = None,
                       split_layer: int | None = None) -> list[Any]:
         """Ask every server for its ``Info`` (one try each, no retry) and check that it serves
@@ -354,6 +412,7 @@ class DeviceClient:
         reported through ``on_warning`` when another one answers; raises :class:`SessionError`
         (UNAVAILABLE) when none does, :class:`ConfigError` on a mismatch. Returns the answers
         (``ServerInfo``, or None for a server that did not answer or has no ``Info``)."""
+        self._checked = True
         infos: list[Any] = []
         down: list[str] = []
         for i, address in enumerate(self.servers):
@@ -377,6 +436,10 @@ class DeviceClient:
             if fingerprint and info.model_fingerprint and info.model_fingerprint != fingerprint:
                 raise ConfigError(f"the server at {address} serves another model (fingerprint "
                                   f"{info.model_fingerprint}, this device's {fingerprint})")
+            if self.calibration is not None and self.calibration_hash not in info.calibrations:
+                raise ConfigError(f"the server at {address} has not loaded calibration "
+                                  f"{self.calibration.name} (serve it with --calibration "
+                                  f"{self.calibration.name}.safetensors)")
             infos.append(info)
         if len(down) == len(self.servers):
             raise SessionError(grpc.StatusCode.UNAVAILABLE,
@@ -435,17 +498,19 @@ class DeviceClient:
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None
         return [] if eos is None else [int(eos)]
 
-    def _encode(self, a: Tensor) -> tuple[bytes, str, float, float]:
-        """Payload bytes, codec label, encode seconds, pack seconds. Falls back to fp16 for a
-        shape the session codec refuses (BudgetError), e.g. svd / qr on a one-row decode step,
-        with one warning (an error when ``strict``)."""
+    def _encode(self, a: Tensor, tokens: Tensor | None = None) -> tuple[bytes, str, float, float]:
+        """Payload bytes, codec label, encode seconds, pack seconds. ``tokens``: the rows'
+        token ids at a decode step (the token the server sampled last), None at a prefill.
+        Falls back to fp16 for a shape the session codec refuses (BudgetError), e.g. svd / qr
+        on a one-row decode step, with one warning (an error when ``strict``)."""
         rows = a.shape[0]
         codec, label = self.codec, self.codec_label
         if rows in self._refused_rows:
             codec, label = self.fallback, FALLBACK_CODEC
         with stage("encode", self.device) as t_enc:
             try:
-                enc = codec.encode(a)
+                ctx = self.codec.context
+                enc = codec.encode(a, ctx if tokens is None else ctx.with_tokens(tokens))
             except BudgetError as e:
                 if self.strict:
                     raise BudgetError(f"{e} (strict: no {FALLBACK_CODEC} fallback)") from None
@@ -578,7 +643,7 @@ class DeviceClient:
             self.fingerprint, self.split_layer, self.codec.name, json.dumps(self.codec.config()),
             max_seq_len=max_seq_len, max_new_tokens=max_new_tokens - len(tokens),
             eos_token_ids=eos, temperature=sampling.temperature, top_k=sampling.top_k,
-            top_p=sampling.top_p, seed=sampling.seed)
+            top_p=sampling.top_p, seed=sampling.seed, calibration=self.calibration_hash)
         outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
         def requests() -> Any:
@@ -605,7 +670,10 @@ class DeviceClient:
                 t_start = lost_at if step == 0 and lost_at is not None else time.perf_counter()
                 with stage("head", self.device) as t_head:
                     a = hs.step(step_ids)
-                payload, label, enc_s, pack_s = self._encode(a.detach())
+                # a decode step's row is the head's output for the token the server sampled
+                # last (step_ids): the codec may predict it from that, as the server will
+                payload, label, enc_s, pack_s = self._encode(a.detach(),
+                                                             step_ids if step else None)
                 t_send = time.perf_counter()
                 outbox.put(activation_frame(step, payload))
                 frame = next(call)
@@ -649,6 +717,28 @@ class DeviceClient:
         if self.tokenizer is None:
             return None
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _calibration(source: Any, codec: Codec) -> Any:
+    """The :class:`~fc_edge.codecs.calibration.Calibration` of ``calibration=`` (a path or a
+    loaded one) or of the codec itself (``klt``'s ``calibration=``); ConfigError when a
+    calibrated codec has none, or the two differ."""
+    from fc_edge.codecs.calibration import Calibration
+    from fc_edge.codecs.calibration import load as load_calibration
+    from fc_edge.runtime.protocol import CALIBRATED_CODECS
+
+    cal = source if source is None or isinstance(source, Calibration) \
+        else load_calibration(source)
+    own = getattr(codec, "calibration", None)
+    if cal is not None and own is not None and own.digest != cal.digest:
+        raise ConfigError(f"the codec names calibration {own.name}, --calibration gives "
+                          f"{cal.name}")
+    cal = cal or own
+    if cal is None and codec.name in CALIBRATED_CODECS:
+        raise ConfigError(f"codec {codec.name} needs its calibration artifact: give "
+                          "--calibration PATH (the one the server loaded; fc-edge calibrate "
+                          "makes it)")
+    return cal
 
 
 def _device_of(head: Any) -> torch.device:

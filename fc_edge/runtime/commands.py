@@ -77,6 +77,9 @@ def add_parser(subparsers: Any) -> None:
                    "(0: a free port; default: no metrics endpoint)")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address of the metrics endpoint (0.0.0.0: all interfaces)")
+    p.add_argument("--calibration", action="append", default=[], metavar="PATH",
+                   help="a calibration artifact (fc-edge calibrate; klt-*.safetensors) sessions "
+                   "may name in their Open; checked against the model and split; repeatable")
     p.add_argument("--drain-s", type=float, default=10.0,
                    help="on SIGTERM / Ctrl-C, let open sessions finish this long, then end them "
                    "(a second signal ends them at once)")
@@ -138,6 +141,9 @@ def add_parser(subparsers: Any) -> None:
                    help="the server's bearer token (default: $FC_EDGE_TOKEN)")
     g.add_argument("--tls-ca", help="PEM CA certificate of the server: connect with TLS")
     g.add_argument("--tls-server-name", help="expected name in the server's certificate")
+    g.add_argument("--calibration", default=None, metavar="PATH",
+                   help="the codec's calibration artifact (klt; fc-edge calibrate), the one the "
+                   "server loaded: its SHA-256 goes in the Open, the server's Info must list it")
     g.add_argument("--strict", action="store_true",
                    help="fail instead of warning when the codec cannot code a step as set "
                    "(a fallback to fp16, a clamped parameter, a payload no smaller than fp16)")
@@ -214,9 +220,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_streams=args.max_streams, max_streams_per_peer=args.max_streams_per_peer,
         device=args.device, dtype=args.dtype, max_batch=args.max_batch,
         prefill_chunk=args.prefill_chunk, kv_cache_tokens=args.kv_cache_tokens,
-        cuda_graphs=args.cuda_graphs)
+        cuda_graphs=args.cuda_graphs, calibrations=args.calibration)
     extras = [x for x, on in (("TLS", handle.tls), ("token required", args.token),
                               ("CUDA graphs", args.cuda_graphs)) if on]
+    extras += [f"calibration {c.name} ({digest})"
+               for digest, c in ((d, ctx.calibration)
+                                 for d, ctx in handle.service.calibrations.items())]
     if handle.metrics_port is not None:
         extras.append(f"metrics on {args.metrics_host}:{handle.metrics_port}")
     print(f"fc-edge serve: {args.model} split at layer {handle.split_layer} "
@@ -316,7 +325,9 @@ def format_info(info: Any) -> str:
     lines = []
     for f in fields:
         value = getattr(info, f.name)
-        if isinstance(value, float):
+        if f.is_repeated:
+            value = ", ".join(str(v) for v in value) or "none"
+        elif isinstance(value, float):
             value = f"{value:g}"
         elif isinstance(value, bool):
             value = "yes" if value else "no"
@@ -357,7 +368,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       token=args.token, tls_ca=args.tls_ca,
                       tls_server_name=args.tls_server_name, device=args.device,
                       dtype=args.dtype, max_recoveries=args.max_recoveries,
-                      lb_policy=args.lb_policy, strict=args.strict, on_warning=warn) as client:
+                      lb_policy=args.lb_policy, strict=args.strict, on_warning=warn,
+                      calibration=args.calibration) as client:
         client.codec_label = label
         printer = TokenPrinter(client.tokenizer)
         result = client.generate(args.prompt, args.max_new_tokens, sampling=sampling,

@@ -432,7 +432,7 @@ _SERVICE_FLAGS = {
     "dtype": "dtype", "max_batch": "max_batch", "prefill_chunk": "prefill_chunk",
     "kv_cache_tokens": "kv_cache_tokens", "max_sessions_per_peer": "max_sessions_per_peer",
     "max_streams_per_peer": "max_streams_per_peer", "max_session_s": "max_session_s",
-    "cuda_graphs": "cuda_graphs",
+    "cuda_graphs": "cuda_graphs", "calibration": "calibrations",
 }
 
 

@@ -7,6 +7,7 @@ and the frames both sides build (docs/protocol.md). Neither side imports the oth
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +18,11 @@ PROTOCOL_VERSION = 1
 SERVICE_NAME = "fc_edge.v1.SplitInference"
 #: Codec accepted for any step the session codec refuses for its shape (BudgetError).
 FALLBACK_CODEC = "fp16"
+#: Codecs whose payloads need a calibration artifact on both ends (``Open.calibration``).
+CALIBRATED_CODECS = frozenset({"klt"})
+#: How ``Open.calibration`` names an artifact: the SHA-256 of its ``.safetensors`` bytes
+#: (:attr:`fc_edge.codecs.calibration.Calibration.digest`), 64 lowercase hex digits.
+CALIBRATION_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 def default_split_layer(model: Any = None) -> int:
@@ -31,17 +37,17 @@ def default_split_layer(model: Any = None) -> int:
 def open_frame(fingerprint: str, split_layer: int, codec_name: str, config_json: str = "{}", *,
                max_seq_len: int = 0, max_new_tokens: int = 0,
                eos_token_ids: Iterable[int] = (), temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None) -> Any:
+               top_p: float = 1.0, seed: int | None = None, calibration: str = "") -> Any:
     """The ``Open`` that starts a session (``max_seq_len``: prompt + new tokens, 0: the
     server's limit; ``max_new_tokens`` 0: no count limit; ``seed`` None: the server draws
-    one)."""
+    one; ``calibration``: the SHA-256 of the codec's calibration artifact, "" for none)."""
     return pb2.ClientFrame(open=pb2.Open(
         protocol_version=PROTOCOL_VERSION, model_fingerprint=fingerprint,
         split_layer=split_layer, codec=pb2.CodecSpec(name=codec_name, config_json=config_json),
         sampling=pb2.Sampling(temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed or 0, has_seed=seed is not None),
         max_seq_len=max_seq_len, max_new_tokens=max_new_tokens,
-        eos_token_ids=[int(t) for t in eos_token_ids]))
+        eos_token_ids=[int(t) for t in eos_token_ids], calibration=calibration))
 
 
 def activation_frame(step: int, payload: bytes) -> Any:

@@ -65,6 +65,8 @@ from fc_edge.runtime.engine import (
 from fc_edge.runtime.metrics import ServerMetrics
 from fc_edge.runtime.proto import pb2, pb2_grpc
 from fc_edge.runtime.protocol import (
+    CALIBRATED_CODECS,
+    CALIBRATION_HASH,
     FALLBACK_CODEC,
     PROTOCOL_VERSION,
     SERVICE_NAME,
@@ -149,14 +151,31 @@ class SessionAbort(FcEdgeError):
 @dataclass
 class SessionCodecs:
     """How one session's payloads are decoded: the codec it opened with (bound to the model's
-    channel weights) and the fp16 fallback. The one place a session's codec state lives: made
-    once by :meth:`EdgeService.session_codecs` at ``Open``, asked for every payload of the
-    session by :meth:`decode` (a per-model calibration or per-session decode-side state, such
-    as the previous token, plugs in here)."""
+    codec context, with the calibration artifact its ``Open`` named) and the fp16 fallback.
+    The one place a session's codec state lives: made once by
+    :meth:`EdgeService.session_codecs` at ``Open``, asked for every payload of the session by
+    :meth:`message_context` and :meth:`decode`.
+
+    Per-session decode-side state: ``last_token``, the token the server sampled last for this
+    session (:meth:`sampled` after each step). A decode step's row is the head's output for
+    that token, so its payload is unpacked and decoded with the context naming it
+    (``klt`` predicts the row from it, as the device did when it encoded it)."""
 
     label: str
     codecs: list[Codec]
     context: CodecContext
+    last_token: int | None = None
+
+    def message_context(self) -> CodecContext:
+        """The context of the next payload: the session's, with the rows' token at a decode
+        step (the last sampled one), none at the prefill."""
+        if self.last_token is None:
+            return self.context
+        return self.context.with_tokens([self.last_token])
+
+    def sampled(self, token: int) -> None:
+        """The server sampled ``token``: the next step's row is the head's output for it."""
+        self.last_token = int(token)
 
     def check(self, enc: Encoded) -> None:
         """Raise SessionAbort unless ``enc`` is of this session's codec and configuration."""
@@ -170,11 +189,12 @@ class SessionCodecs:
                                f"the {enc.codec} payload is not of this session's "
                                f"configuration: {'; '.join(r for r in reasons if r)}")
 
-    def decode(self, enc: Encoded) -> torch.Tensor:
-        """The (S, D) activation of a checked payload; SessionAbort when it does not decode (a
-        payload that decodes to NaN or Inf is a WireError of the codecs)."""
+    def decode(self, enc: Encoded, ctx: CodecContext | None = None) -> torch.Tensor:
+        """The (S, D) activation of a checked payload, decoded with ``ctx`` (default:
+        :meth:`message_context`); SessionAbort when it does not decode (a payload that decodes
+        to NaN or Inf is a WireError of the codecs)."""
         try:
-            return decode(enc, self.context)
+            return decode(enc, self.message_context() if ctx is None else ctx)
         except (FcEdgeError, ValueError, RuntimeError) as e:
             raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
                                f"cannot decode the {enc.codec} payload: {e}") from None
@@ -242,6 +262,7 @@ class EdgeService:
         prefill_chunk: int | None = None,
         kv_cache_tokens: int | None = None,
         cuda_graphs: bool = False,
+        calibrations: Sequence[str | Path | Any] = (),
     ) -> None:
         from fc_edge.models.pretrained import model_fingerprint
         from fc_edge.models.split import check_split
@@ -288,6 +309,8 @@ class EdgeService:
         # this model and split's codec context (its channel weights, ...): session codecs are
         # bound to it and payloads unpacked and decoded with it, never with global state
         self.codec_context = model_context(model, split_layer)
+        # the calibration artifacts sessions may name (Open.calibration), by SHA-256
+        self.calibrations = self._load_calibrations(model, calibrations)
         tail = Tail.from_hf(model, split_layer, device=self.device, dtype=self.dtype)
         block = 16
         tokens = kv_cache_tokens or DEFAULT_KV_SESSIONS * -(-max_seq_len // block) * block
@@ -312,6 +335,26 @@ class EdgeService:
         self._failure_callbacks: list[Callable[[BaseException], Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.engine.on_death(self._engine_died)
+
+    def _load_calibrations(self, model: Any, sources: Sequence[Any]) -> dict[str, CodecContext]:
+        """``{sha256: codec context}`` of each artifact (a path or a loaded
+        :class:`~fc_edge.codecs.calibration.Calibration`), checked against the served model and
+        split; each context's token-prediction table is computed now, not on a session's first
+        decode step (seconds for a real vocabulary)."""
+        from fc_edge.codecs.calibration import Calibration, check_artifact, model_context
+        from fc_edge.codecs.calibration import load as load_calibration
+        from fc_edge.codecs.klt import predictions
+
+        out: dict[str, CodecContext] = {}
+        if isinstance(sources, (str, Path, Calibration)):
+            sources = [sources]
+        for source in sources:
+            cal = source if isinstance(source, Calibration) else load_calibration(source)
+            check_artifact(cal, self.fingerprint, self.split_layer, self.hidden_size)
+            ctx = model_context(model, self.split_layer, cal)
+            predictions(ctx, cal, torch.zeros(1, dtype=torch.long))  # fill the table
+            out[cal.digest] = ctx
+        return out
 
     # --- bookkeeping --------------------------------------------------------------------------
     def open_sessions(self) -> int:
@@ -374,7 +417,8 @@ class EdgeService:
             max_sessions_per_peer=self.max_sessions_per_peer, max_streams=self.max_streams,
             max_streams_per_peer=self.max_streams_per_peer, preemptions=stats.preemptions,
             engine_alive=stats.alive, prefill_chunk=self.engine.prefill_chunk,
-            max_session_s=self.max_session_s or 0.0, idle_timeout_s=self.idle_timeout_s or 0.0)
+            max_session_s=self.max_session_s or 0.0, idle_timeout_s=self.idle_timeout_s or 0.0,
+            calibrations=list(self.calibrations))
 
     # --- streams ------------------------------------------------------------------------------
     def acquire_stream(self, peer: str) -> str:
@@ -531,11 +575,13 @@ class EdgeService:
             raise SessionAbort(session.end_code, session.end_reason)
         raise SessionAbort(grpc.StatusCode.DEADLINE_EXCEEDED, timeout_message)
 
-    def session_codecs(self, spec: Any) -> SessionCodecs:
-        """The codec state of a session opening with ``spec`` (``Open.codec``): the one place a
+    def session_codecs(self, spec: Any, calibration: str = "") -> SessionCodecs:
+        """The codec state of a session opening with ``spec`` (``Open.codec``) and the
+        calibration artifact ``calibration`` (``Open.calibration``, "" for none): the one place a
         session's codecs are made. Raises SessionAbort: INVALID_ARGUMENT for a ``config_json``
-        that is not a small flat JSON object, FAILED_PRECONDITION for a codec this server cannot
-        build."""
+        that is not a small flat JSON object or names a ``calibration`` (a file on this server),
+        or for a malformed hash; FAILED_PRECONDITION for a codec this server cannot build, an
+        artifact it has not loaded, or a calibrated codec without one."""
         text = spec.config_json or "{}"
         if len(text.encode()) > MAX_CONFIG_JSON_BYTES:
             raise self._refuse(grpc.StatusCode.INVALID_ARGUMENT,
@@ -551,14 +597,42 @@ class EdgeService:
             raise self._refuse(grpc.StatusCode.INVALID_ARGUMENT,
                                "codec config_json must be a JSON object nested at most "
                                f"{MAX_CONFIG_DEPTH} deep", "bad_open")
+        if "calibration" in config:  # a path read on this server: never from a peer
+            raise self._refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                               "codec config_json must not name a calibration: give the "
+                               "artifact's SHA-256 in Open.calibration", "bad_open")
+        context = self.codec_context
+        if calibration:
+            if not CALIBRATION_HASH.fullmatch(calibration):
+                raise self._refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"Open.calibration must be a SHA-256 of 64 lowercase hex "
+                                   f"digits, got {calibration[:80]!r}", "bad_open")
+            if calibration not in self.calibrations:
+                held = ", ".join(h[:16] for h in self.calibrations) or "none"
+                raise self._refuse(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"calibration mismatch: this server has not loaded artifact "
+                                   f"{calibration[:16]} (it holds: {held}); serve it with "
+                                   "--calibration", "mismatch")
+            context = self.calibrations[calibration]
         try:
-            codec = get_codec(spec.name, **config).bind(self.codec_context)
+            codec = get_codec(spec.name, **config)
             fallback = get_codec(FALLBACK_CODEC)
         except (ConfigError, ValueError, TypeError, RecursionError) as e:
             raise self._refuse(grpc.StatusCode.FAILED_PRECONDITION,
                                f"codec mismatch: the server cannot decode codec "
                                f"{spec.name!r}: {e}", "mismatch") from None
-        return SessionCodecs(spec.name, [codec, fallback], self.codec_context)
+        if codec.name in CALIBRATED_CODECS and context.calibration is None:
+            raise self._refuse(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"codec {spec.name!r} needs a calibration artifact: name its "
+                               "SHA-256 in Open.calibration (fc-edge generate --calibration)",
+                               "mismatch")
+        try:
+            codec.bind(context)
+        except (ConfigError, ValueError, TypeError) as e:
+            raise self._refuse(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"codec mismatch: the server cannot decode codec "
+                               f"{spec.name!r}: {e}", "mismatch") from None
+        return SessionCodecs(spec.name, [codec, fallback], context)
 
     def _open(self, req: Any, peer: str, key: str) -> _Session:
         if self.draining:  # a stream opened before the drain began gets no session
@@ -580,7 +654,7 @@ class EdgeService:
                                f"split mismatch: the client's head ends at layer "
                                f"{req.split_layer}, the server's tail starts at layer "
                                f"{self.split_layer}", "mismatch")
-        codecs = self.session_codecs(req.codec)
+        codecs = self.session_codecs(req.codec, req.calibration)
         s = req.sampling
         try:
             sampling = SamplingConfig(
@@ -684,6 +758,7 @@ class EdgeService:
         compute_s = time.perf_counter() - t0
         session.step += 1
         token = result.token
+        session.codecs.sampled(token)  # the next row is the head's output for this token
         session.done = token in session.eos or (
             session.max_new_tokens > 0 and session.step >= session.max_new_tokens)
         if session.done:
@@ -698,9 +773,9 @@ class EdgeService:
         """Parse, check and decode one payload (on a worker thread): the (S, D) activation in
         the tail's dtype, codec name, unpack and decode seconds."""
         t0 = time.perf_counter()
+        ctx = session.codecs.message_context()  # the session's artifact, the step's token
         try:
-            enc = wire.unpack(payload, max_bytes=self.max_payload_bytes,
-                              ctx=self.codec_context)
+            enc = wire.unpack(payload, max_bytes=self.max_payload_bytes, ctx=ctx)
         except WireError as e:
             raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
                                f"bad activation payload: {e}") from None
@@ -716,7 +791,7 @@ class EdgeService:
                                f"{rows} more positions exceed the session's "
                                f"{session.engine.max_seq_len}")
         t1 = time.perf_counter()
-        x = session.codecs.decode(enc)
+        x = session.codecs.decode(enc, ctx)
         try:  # finite at the tail's dtype, not only at the payload's
             x = self.engine.prepare(x)
         except (NonFiniteError, ConfigError) as e:
