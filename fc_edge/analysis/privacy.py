@@ -350,8 +350,9 @@ def summary_paragraph(res: dict[str, Any]) -> str:
             f"from the uncompressed activation after layer {first}, a least-squares map back "
             f"to the embedding names {_pct(n0['linear'])} of the tokens"
             + (f" and a small MLP {_pct(n0['mlp'])}" if "mlp" in n0 else "")
-            + f"; after layer {last}, still {_pct(nl['linear'])} (linear)"
-            + (f" and {_pct(nl['mlp'])} (MLP)" if "mlp" in nl else "") + ".")
+            + ("" if last == first else
+               f"; after layer {last}, still {_pct(nl['linear'])} (linear)"
+               + (f" and {_pct(nl['mlp'])} (MLP)" if "mlp" in nl else "")) + ".")
     lossy = [lab for lab in labels if lab != "none"]
     if lossy:
         inv = "mlp" if "mlp" in res["inverters"] else "linear"
@@ -366,10 +367,10 @@ def summary_paragraph(res: dict[str, Any]) -> str:
                for L in layers)
     if best >= 0.5:
         parts.append(
-            "So a split does not hide the prompt from the server it talks to: it keeps the raw "
-            "text and the device's own computation off the wire (and, with TLS, from others on "
-            "the path), but a curious server reads back most of the prompt's tokens. Treat the "
-            "server as seeing the prompt.")
+            "So a split does not hide the prompt from the server it talks to: the raw text "
+            "never leaves the device, but a curious server reads most of the prompt's tokens "
+            "back from the activations, compressed or not. Treat the server as seeing the "
+            "prompt; what a split saves is bandwidth and server compute, not confidentiality.")
     return " ".join(parts)
 
 
