@@ -9,11 +9,13 @@ from that activation alone, per split layer and codec:
   token's input embedding, then names the vocabulary entry whose embedding is nearest by cosine
   (the whole vocabulary is a candidate);
 * the **MLP inverter** (:class:`MLPInverter`) classifies the token directly: standardised
-  activation -> Linear(D, hidden) -> GELU -> Linear(hidden, K) trained with cross-entropy by Adam
-  for a fixed number of epochs from a fixed seed. Its K classes are the distinct tokens of the
-  calibration rows (an output head over the whole 49,152-token vocabulary would cost ~10x the
-  compute for classes it never sees an example of); an evaluation token outside them counts as
-  a miss, and ``mlp_ceiling`` reports the share of evaluation rows it could name at all.
+  activation -> one hidden layer (GELU) beside a linear path -> a vector of the embedding's
+  width, whose dot product with each row of the (fixed) input embedding matrix is that token's
+  logit; trained with cross-entropy by Adam for a fixed number of epochs from a fixed seed. The
+  softmax it trains with runs over the distinct tokens of the calibration rows (the full
+  49,152-way softmax would cost ~10x the CPU); it predicts over the whole vocabulary, so it can
+  name a token it never saw, but ``mlp_seen`` reports the share of evaluation rows whose token
+  it did see when fitted.
 
 Both are fitted on the calibration documents and scored on the evaluation documents of
 ``texts/dev.txt`` (:func:`fc_edge.paths.split_documents`): never on what they were fitted on.
@@ -149,16 +151,37 @@ class LinearInverter:
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
+class _OneHidden(torch.nn.Module):
+    """``Linear(GELU(Linear(x))) + Linear(x)``: one hidden layer beside a linear path (the skip
+    lets it start from what the linear inverter finds and learn the nonlinear rest)."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(d_in, hidden)
+        self.down = torch.nn.Linear(hidden, d_out)
+        self.skip = torch.nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(torch.nn.functional.gelu(self.up(x))) + self.skip(x)
+
+
 class MLPInverter:
-    """A one-hidden-layer classifier from a (standardised) activation row to its token, over the
-    distinct tokens seen when fitting (see the module docstring)."""
+    """A one-hidden-layer classifier from a (standardised) activation row to its token.
+
+    With ``embedding`` (V, E) the output head is the embedding matrix itself, fixed: the network
+    maps a row to a vector ``z`` of the embedding's width and the logit of token v is
+    ``z . embedding[v]``. It trains with the softmax over the distinct tokens of the fitting
+    rows (the full 49,152-way softmax would cost ~10x) and predicts over the whole vocabulary,
+    so it can name a token it never saw an example of. Without ``embedding`` the head is a free
+    Linear over the fitted tokens only (a token never seen cannot be named)."""
 
     def __init__(self, hidden: int = 1024, epochs: int = 4, batch_size: int = 256,
-                 lr: float = 2e-3, seed: int = 0) -> None:
+                 lr: float = 2e-3, seed: int = 0, embedding: Tensor | None = None) -> None:
         if hidden < 1 or epochs < 1 or batch_size < 1 or not lr > 0:
             raise ConfigError("the MLP inverter needs hidden, epochs, batch size >= 1 and lr > 0")
         self.hidden, self.epochs, self.batch_size, self.lr, self.seed = (
             hidden, epochs, batch_size, lr, seed)
+        self.embedding = None if embedding is None else embedding.detach().float()
         self.net: torch.nn.Module | None = None
         self.classes: Tensor | None = None
 
@@ -172,29 +195,34 @@ class MLPInverter:
         z = self._standardise(x)
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(x.shape[1], self.hidden), torch.nn.GELU(),
-            torch.nn.Linear(self.hidden, len(self.classes)))
+        out = len(self.classes) if self.embedding is None else self.embedding.shape[1]
+        self.net = _OneHidden(x.shape[1], self.hidden, out)
+        head = None if self.embedding is None else self.embedding[self.classes].T.contiguous()
         opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
         self.net.train()
         for _ in range(self.epochs):
             order = torch.randperm(len(z), generator=gen)
             for i in range(0, len(z), self.batch_size):
                 idx = order[i:i + self.batch_size]
-                loss = torch.nn.functional.cross_entropy(self.net(z[idx]), target[idx])
+                logits = self.net(z[idx])
+                if head is not None:
+                    logits = logits @ head
+                loss = torch.nn.functional.cross_entropy(logits, target[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         self.net.eval()
         return self
 
-    def predict(self, x: Tensor, chunk: int = 4096) -> Tensor:
+    def predict(self, x: Tensor, chunk: int = 1024) -> Tensor:
         if self.net is None or self.classes is None:
             raise RuntimeError("fit first")
         out = []
         with torch.inference_mode():
             for i in range(0, len(x), chunk):
-                out.append(self.classes[self.net(self._standardise(x[i:i + chunk])).argmax(1)])
+                y = self.net(self._standardise(x[i:i + chunk]))
+                out.append(self.classes[y.argmax(1)] if self.embedding is None
+                           else (y @ self.embedding.T).argmax(1))
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
@@ -269,7 +297,8 @@ def privacy_analysis(model: Any, calibration: Sequence[Sequence[int]],
                 lin = LinearInverter(embedding).fit(cal.x, cal.tokens)
                 entry["linear"] = recovery(lin.predict(ev.x), ev.tokens, ev.docs)
             if "mlp" in inverters:
-                mlp = MLPInverter(hidden=hidden, epochs=epochs, seed=seed).fit(cal.x, cal.tokens)
+                mlp = MLPInverter(hidden=hidden, epochs=epochs, seed=seed,
+                                  embedding=embedding).fit(cal.x, cal.tokens)
                 entry["mlp"] = recovery(mlp.predict(ev.x), ev.tokens, ev.docs)
             results[str(L)][s.label] = entry
             say(f"[{k}/{total}] layer {L} {s.label}: "
@@ -285,10 +314,11 @@ def privacy_analysis(model: Any, calibration: Sequence[Sequence[int]],
                         "distinct_tokens": int((counts > 0).sum())},
         "evaluation": {"documents": len(evaluation), "rows": int(len(ev_tokens))},
         "chance": {"token": mode, **chance},
-        "mlp_ceiling": ceiling,
+        "mlp_seen": ceiling,
         "mlp": {**{k: getattr(MLPInverter(hidden, epochs, seed=seed), k)
                    for k in ("hidden", "epochs", "batch_size", "lr", "seed")},
-                "classes": "distinct calibration tokens"},
+                "head": "the input embedding matrix (fixed); trained over the distinct "
+                        "calibration tokens, predicts over the whole vocabulary"},
         "results": results,
     }
 
@@ -405,9 +435,9 @@ def markdown_report(res: dict[str, Any], accuracy: dict[str, Any] | None = None,
         f"of each document) of {ev['documents']} evaluation documents; inverters fitted on "
         f"{res['calibration']['rows']:,} tokens of {res['calibration']['documents']} calibration "
         f"documents ({res['calibration']['distinct_tokens']:,} distinct tokens). Chance (the most "
-        f"frequent calibration token, id {ch['token']}): {_pct(ch)}. The MLP names only tokens "
-        f"it saw when fitted: {100 * res['mlp_ceiling']:.1f}% of evaluation tokens are among "
-        "them (its ceiling). Intervals: document bootstrap (10,000 resamples, percentile). "
+        f"frequent calibration token, id {ch['token']}): {_pct(ch)}. The MLP predicts over the "
+        f"whole vocabulary; {100 * res['mlp_seen']:.1f}% of evaluation tokens occur among those "
+        "it was fitted on. Intervals: document bootstrap (10,000 resamples, percentile). "
         "bytes/element: wire bytes of the whole activation per element (float32 = 4).",
     ]
     if accuracy:

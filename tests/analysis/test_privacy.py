@@ -126,7 +126,7 @@ def test_inverters_after_a_layer_and_through_a_codec(tiny_llama):
     res = privacy_analysis(tiny_llama, fit, held, [1, 3], build_settings("none,int8"),
                            hidden=128, epochs=30)
     assert res["evaluation"] == {"documents": 12, "rows": 12 * 31}
-    assert res["mlp_ceiling"] == 1.0  # every one of the 40 tokens occurs in 1,240 fitting rows
+    assert res["mlp_seen"] == 1.0  # every one of the 40 tokens occurs in 1,240 fitting rows
     for L in ("1", "3"):
         for lab in ("none", "int8"):
             e = res["results"][L][lab]
