@@ -161,6 +161,20 @@ def test_mlp_inverter_learns_separable_tokens():
     assert (mlp.predict(x[2000:]) == tok[2000:]).float().mean() > 0.98
 
 
+def test_mlp_with_the_embedding_head_names_tokens_it_never_saw(tiny_llama):
+    """Fitted on the embeddings of tokens 0..127 only: with the embedding matrix as its head it
+    names most of tokens 128..255 (chance 1/256); a free head over the fitted tokens cannot
+    name any of them."""
+    emb = tiny_llama.get_input_embeddings().weight.detach()
+    tok = torch.randint(0, 128, (3000,), generator=torch.Generator().manual_seed(0))
+    unseen = torch.arange(128, 256)
+    tied = MLPInverter(hidden=64, epochs=10, seed=0, embedding=emb).fit(emb[tok], tok)
+    assert (tied.predict(emb[tok]) == tok).all()
+    assert (tied.predict(emb[unseen]) == unseen).float().mean() > 0.5
+    free = MLPInverter(hidden=64, epochs=10, seed=0).fit(emb[tok], tok)
+    assert (free.predict(emb[unseen]) < 128).all()
+
+
 def test_too_few_documents_and_unknown_inverter(tiny_llama):
     one, two = _docs(1, 8, 0, range(256)), _docs(2, 8, 1, range(256))
     with pytest.raises(ConfigError, match="at least 2"):
