@@ -11,6 +11,8 @@ items (or documents), so every comparison is paired:
   right), pooled over tasks (:func:`mcnemar_exact`, statsmodels).
 * agreement (the codec picks the uncompressed model's choice): a proportion over all items, with
   its Clopper-Pearson ("exact") 95% interval (:func:`proportion_ci`, statsmodels).
+* a proportion over units that come in clusters (tokens of one document): a bootstrap that
+  resamples whole clusters (:func:`clustered_proportion_ci`).
 * per-task standard error as lm-evaluation-harness prints it: the sample standard deviation
   (ddof 1) over sqrt(n) (:func:`lm_eval_stderr`).
 * Δppl %: ``exp(sum nll_codec / sum tokens) / exp(sum nll_ref / sum tokens) - 1``; documents are
@@ -50,6 +52,37 @@ def proportion_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, f
         return (float("nan"), float("nan"))
     lo, hi = proportion_confint(successes, n, alpha=1 - level, method="beta")
     return (float(lo), float(hi))
+
+
+def clustered_proportion_ci(outcomes: Sequence[float], clusters: Sequence[Hashable],
+                            level: float = 0.95, n_resamples: int = N_RESAMPLES,
+                            seed: int = SEED) -> tuple[float, float]:
+    """Interval of the proportion ``mean(outcomes)`` (0/1 per unit) when units come in clusters
+    (e.g. tokens of one document) that are not independent inside: a percentile bootstrap that
+    resamples whole clusters, the statistic being ``sum successes / sum units`` of the resample
+    (a ratio estimator, so clusters of different sizes weigh by their size as in the point
+    estimate). A proportion that is the same in every cluster (all 0 or all 1, say) gives that
+    point. NaNs for no unit; ValueError for fewer than two clusters or mismatched lengths."""
+    y = np.asarray(outcomes, dtype=np.float64)
+    if len(clusters) != y.size:
+        raise ValueError(f"{len(clusters)} cluster keys for {y.size} outcomes")
+    if y.size == 0:
+        return (float("nan"), float("nan"))
+    index = {k: i for i, k in enumerate(dict.fromkeys(np.asarray(clusters).tolist()))}
+    if len(index) < 2:
+        raise ValueError("a clustered interval needs at least two clusters")
+    of = np.asarray([index[k] for k in np.asarray(clusters).tolist()])
+    s = np.bincount(of, weights=y, minlength=len(index))
+    n = np.bincount(of, minlength=len(index)).astype(np.float64)
+    share = s / n
+    if np.allclose(share, share[0], rtol=0, atol=1e-15):
+        v = float(s.sum() / n.sum())
+        return (v, v)
+
+    def ratio(s_: np.ndarray, n_: np.ndarray, axis: int = -1) -> np.ndarray:
+        return s_.sum(axis=axis) / n_.sum(axis=axis)
+
+    return _bootstrap((s, n), ratio, True, level, n_resamples, seed)
 
 
 def mcnemar_exact(ref_correct: Sequence[float], codec_correct: Sequence[float]
