@@ -125,6 +125,37 @@ def compare(old: dict, new: dict, task: str, tol: float) -> dict:
     return out
 
 
+def report(rows: list[dict], commits: dict, args: argparse.Namespace, old_total: float,
+           new_total: float) -> None:
+    """Prints the per-task table (markdown) and the all-task process ratio."""
+    tasks = [r["task"] for r in rows]
+    print(f"old {commits['old']} vs new {commits['new']}: {len(tasks)} tasks x {args.limit} "
+          f"items, --codecs {args.codecs}, --threads {args.threads}, "
+          f"{'one process' if args.one_process else 'one process per task'}, "
+          f"OMP_WAIT_POLICY {args.omp_wait_policy}")
+    walls = "" if args.one_process else "old process s | new process s | ratio | "
+    print(f"| task | {walls}old scoring s | new scoring s | scoring ratio | scores |")
+    print("|---|" + "---|" * (walls.count("|") + 4))
+    for r in rows:
+        if not r["same_prompts"]:
+            verdict = "prompts differ between commits: not compared"
+        else:
+            verdict = "; ".join(
+                f"{lb}: {v['decisions_differ']} decisions differ, max |Δll| {v['max_abs_diff']:.1e}"
+                if "error" not in v else f"{lb}: {v['error']}"
+                for lb, v in r["agreement"].items())
+        walls = ("" if args.one_process else f"{r['old_process_s']:.1f} | "
+                 f"{r['new_process_s']:.1f} | {r['old_process_s'] / r['new_process_s']:.2f} | ")
+        print(f"| {r['task']} | {walls}{r['old_scoring_s']:.1f} | {r['new_scoring_s']:.1f} | "
+              f"{r['old_scoring_s'] / r['new_scoring_s']:.2f} | {verdict} |")
+    so = sum(r["old_scoring_s"] for r in rows)
+    sn = sum(r["new_scoring_s"] for r in rows)
+    walls = "" if args.one_process else "| | | "
+    print(f"| scoring total | {walls}{so:.1f} | {sn:.1f} | {so / sn:.2f} | |")
+    print(f"process wall, all tasks: old {old_total:.1f} s, new {new_total:.1f} s: "
+          f"**{old_total / new_total:.2f}x**")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old", type=Path, required=True, help="checkout of the old commit")
@@ -179,34 +210,11 @@ def main() -> None:
                 rows.append(row)
             if args.one_process:
                 one = {"old_process_s": got["old"][0], "new_process_s": got["new"][0]}
-    wall_key = "process_s" if not args.one_process else "scoring_s"
     old_total = (sum(r["old_process_s"] for r in rows) if not args.one_process
                  else one["old_process_s"])
     new_total = (sum(r["new_process_s"] for r in rows) if not args.one_process
                  else one["new_process_s"])
-    print(f"old {commits['old']} vs new {commits['new']}: {len(tasks)} tasks x {args.limit} "
-          f"items, --codecs {args.codecs}, --threads {args.threads}, "
-          f"{'one process' if args.one_process else 'one process per task'}, "
-          f"OMP_WAIT_POLICY {args.omp_wait_policy}")
-    print(f"| task | old {wall_key} | new {wall_key} | ratio | old scoring s | new scoring s "
-          "| scoring ratio | scores |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if not r["same_prompts"]:
-            verdict = "prompts differ between commits: not compared"
-        else:
-            ag = r["agreement"]
-            verdict = "; ".join(
-                f"{lb}: {v['decisions_differ']} decisions differ, max |Δll| {v['max_abs_diff']:.1e}"
-                if "error" not in v else f"{lb}: {v['error']}" for lb, v in ag.items())
-        o, n = r[f"old_{wall_key}"], r[f"new_{wall_key}"]
-        print(f"| {r['task']} | {o:.1f} | {n:.1f} | {o / n:.2f} | {r['old_scoring_s']:.1f} | "
-              f"{r['new_scoring_s']:.1f} | {r['old_scoring_s'] / r['new_scoring_s']:.2f} | "
-              f"{verdict} |")
-    so = sum(r["old_scoring_s"] for r in rows)
-    sn = sum(r["new_scoring_s"] for r in rows)
-    print(f"| **total** (process wall) | {old_total:.1f} | {new_total:.1f} | "
-          f"**{old_total / new_total:.2f}** | {so:.1f} | {sn:.1f} | {so / sn:.2f} | |")
+    report(rows, commits, args, old_total, new_total)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
@@ -216,7 +224,8 @@ def main() -> None:
             "omp_wait_policy": args.omp_wait_policy, "tolerance": args.tolerance,
             "load_avg": os.getloadavg(), "rows": rows,
             "total": {"old_s": old_total, "new_s": new_total, "ratio": old_total / new_total,
-                      "old_scoring_s": so, "new_scoring_s": sn}}, indent=1))
+                      "old_scoring_s": sum(r["old_scoring_s"] for r in rows),
+                      "new_scoring_s": sum(r["new_scoring_s"] for r in rows)}}, indent=1))
 
 
 if __name__ == "__main__":
