@@ -47,6 +47,28 @@ def test_clopper_pearson_closed_forms():
     assert hi == 1.0 and lo == pytest.approx(0.025 ** (1 / 200), abs=1e-9)
 
 
+def test_scipy_tests_equal_statsmodels():
+    # the exact McNemar p and the Clopper-Pearson interval were statsmodels' before (an independent
+    # implementation: binomial cdf / beta quantiles); the scipy ones must give the same figures
+    sm = pytest.importorskip("statsmodels.stats.proportion")
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    for n in (1, 2, 7, 40, 333, 1000):
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            lo, hi = sm.proportion_confint(k, n, alpha=0.05, method="beta")
+            lo = 0.0 if np.isnan(lo) else lo
+            hi = 1.0 if np.isnan(hi) else hi
+            assert proportion_ci(k, n) == pytest.approx((lo, hi), abs=1e-9)
+    for b in range(0, 30, 3):
+        for c in range(0, 30, 4):
+            if b + c == 0:
+                continue
+            ref = [1] * b + [0] * c + [1, 0]
+            cod = [0] * b + [1] * c + [1, 0]
+            want = min(float(mcnemar([[1, b], [c, 1]], exact=True).pvalue), 1.0)
+            assert mcnemar_exact(ref, cod)["p"] == pytest.approx(want, rel=1e-9, abs=1e-15)
+
+
 def test_delta_acc_ci_degenerate_and_normal_limit():
     # every item the same difference: the interval is that point
     assert delta_acc_ci({"a": [0.0] * 30, "b": [0.0] * 5}) == (0.0, 0.0)
