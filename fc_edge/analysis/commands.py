@@ -63,6 +63,9 @@ def add_parser(sub: Any) -> None:
     priv.add_argument("--hidden", type=int, default=1024, help="MLP inverter hidden units")
     priv.add_argument("--epochs", type=int, default=4, help="MLP inverter training epochs")
     priv.add_argument("--seed", type=int, default=0, help="MLP inverter seed")
+    priv.add_argument("--from-json", type=Path, default=None,
+                      help="re-render privacy.md/png from an earlier privacy.json (no model run), "
+                      "e.g. with a newer --accuracy")
     from fc_edge.eval.options import add_threads_arg
 
     add_threads_arg(p)
@@ -135,19 +138,27 @@ def run_privacy(args: argparse.Namespace) -> int:
         MAX_TOKENS,
         MIN_DOCUMENTS,
         accuracy_deltas,
-        markdown_report,
-        plot_recovery,
         privacy_analysis,
         token_windows,
     )
     from fc_edge.eval.forward import LayerStack
     from fc_edge.eval.options import apply_threads, int_list
-    from fc_edge.eval.records import file_sha256, provenance
+    from fc_edge.eval.records import provenance
     from fc_edge.eval.settings import build_settings
     from fc_edge.models.pretrained import load_model
     from fc_edge.paths import read_texts, shared_dir, split_documents
 
     apply_threads(args)
+    accuracy = accuracy_deltas(args.accuracy) if args.accuracy is not None else None
+    if args.from_json is not None:
+        try:
+            res = json.loads(Path(args.from_json).read_text())
+            if not isinstance(res, dict) or "results" not in res or "layers" not in res:
+                raise ValueError("not a privacy.json of `fc-edge analyze --privacy`")
+            return write_privacy(args, res, accuracy)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--from-json {str(args.from_json)!r}: not a privacy.json of "
+                              f"`fc-edge analyze --privacy` ({type(e).__name__}: {e})") from None
     max_tokens = MAX_TOKENS if args.max_tokens is None else args.max_tokens
     if max_tokens < 2:
         raise ConfigError("--max-tokens must be >= 2")
@@ -156,7 +167,6 @@ def run_privacy(args: argparse.Namespace) -> int:
     if args.hidden < 1 or args.epochs < 1:
         raise ConfigError("--hidden and --epochs must be >= 1")
     settings = build_settings(args.codecs or DEFAULT_CODECS)  # unknown codec: one-line error
-    accuracy = accuracy_deltas(args.accuracy) if args.accuracy is not None else None
     path = args.texts if args.texts is not None else shared_dir() / "texts" / "dev.txt"
     if not Path(path).is_file():
         raise ConfigError(f"--texts {str(path)!r}: no such file (one document per line)")
@@ -186,18 +196,33 @@ def run_privacy(args: argparse.Namespace) -> int:
     res["max_tokens"] = max_tokens
     res["texts"] = str(path)
     res["provenance"] = provenance([Path(path)])
+    return write_privacy(args, res, accuracy)
+
+
+def write_privacy(args: argparse.Namespace, res: dict, accuracy: dict | None) -> int:
+    """privacy.json (with the accuracy it is shown beside), privacy.md and privacy.png."""
+    from fc_edge.analysis.privacy import markdown_report, plot_recovery
+    from fc_edge.eval.records import file_sha256
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
     note = ""
     if accuracy is not None:
         res["accuracy"] = {"file": str(args.accuracy), "sha256": file_sha256(args.accuracy),
                            "delta": accuracy}
         note = (f"Δacc: from {args.accuracy} (mean over its tasks, points, paired 95% CI), as "
-                "that run measured it: its codec version may differ from this analysis's.")
+                "that run measured it (its provenance names its commit and wire version)")
+        note += (f"; added later by `fc-edge analyze --privacy --from-json {args.from_json} "
+                 f"--accuracy {args.accuracy}` (the recovery figures are the run's below)."
+                 if getattr(args, "from_json", None) else ".")
+    text = markdown_report(res, accuracy, note)  # before anything is written
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out_json = args.json or args.out_dir / "privacy.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(res, indent=1) + "\n")
     md = args.out_dir / "privacy.md"
-    md.write_text(markdown_report(res, accuracy, note))
+    md.write_text(text)
     png = plot_recovery(res, args.out_dir / "privacy.png")
     print(md.read_text())
     log(f"wrote {out_json}, {md}, {png}")

@@ -240,3 +240,37 @@ def test_cli_layer_out_of_range(capsys, tmp_path, smollm2):
     msg = _one_line_error(capsys, ["analyze", "--privacy", "--layers", "1,30",
                                    "--out-dir", str(tmp_path)])
     assert "split layer must be in 1..29" in msg
+
+
+def test_cli_from_json_adds_accuracy_without_a_model_run(capsys, tmp_path):
+    """``--from-json`` re-renders an earlier run with a (newer) accuracy file: the recovery
+    figures are the JSON's own, the Δacc column the accuracy file's, both as hand-written."""
+    from fc_edge.cli import main
+
+    r = {"top1": 0.5, "ci95": [0.4, 0.6], "rows": 10, "documents": 2}
+    res = {"layers": [1], "settings": ["none", "int8"], "inverters": ["linear", "mlp"],
+           "chance": {"token": 1, **r, "top1": 0.05},
+           "evaluation": {"documents": 2, "rows": 10}, "mlp_seen": 0.75,
+           "calibration": {"documents": 2, "rows": 9, "distinct_tokens": 4},
+           "results": {"1": {s: {"bytes_per_element": 1.0,
+                                 "linear": {**r, "top1": 0.875, "ci95": [0.8125, 0.9375]},
+                                 "mlp": r} for s in ("none", "int8")}}}
+    (tmp_path / "old.json").write_text(json.dumps(res))
+    acc = {"kind": "accuracy", "results": {"1": {
+        "none": {"codec": "none"}, "int8": {"delta": -0.25, "delta_ci95": [-0.5, 0.125]}}}}
+    (tmp_path / "acc.json").write_text(json.dumps(acc))
+    out = tmp_path / "out"
+    assert main(["analyze", "--privacy", "--from-json", str(tmp_path / "old.json"),
+                 "--accuracy", str(tmp_path / "acc.json"), "--out-dir", str(out)]) == 0
+    md = (out / "privacy.md").read_text()
+    row = next(line for line in md.splitlines() if "`int8`" in line)
+    assert "87.5 [81.2, 93.8]" in row or "87.5 [81.3, 93.8]" in row
+    assert "-0.25 [-0.50, +0.12]" in row or "-0.25 [-0.50, +0.13]" in row
+    assert json.loads((out / "privacy.json").read_text())["accuracy"]["delta"]["1"]["int8"][
+        "delta"] == -0.25
+    capsys.readouterr()
+    for bad in ("[1, 2]", json.dumps({"results": {}, "layers": [1]})):
+        (tmp_path / "bad.json").write_text(bad)
+        assert "--from-json" in _one_line_error(
+            capsys, ["analyze", "--privacy", "--from-json", str(tmp_path / "bad.json"),
+                     "--out-dir", str(out)])
