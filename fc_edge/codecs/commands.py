@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "the calibration documents of ../shared/texts/dev.txt (its last 600 lines), never the "
         "evaluation or tuning ones.")
     from fc_edge.cli import add_model_args
-    from fc_edge.eval.commands import add_threads_arg
+    from fc_edge.eval.options import add_threads_arg
 
     add_model_args(c)
     c.add_argument("--split-layer", type=int, default=1, help="split after layer L (default 1)")
@@ -98,7 +98,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from fc_edge.codecs.calibration import calibration_texts, coding_gain_db, fit
-    from fc_edge.eval.commands import apply_threads
+    from fc_edge.eval.options import apply_threads
     from fc_edge.models.pretrained import load_model
 
     apply_threads(args)
