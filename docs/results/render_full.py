@@ -126,7 +126,7 @@ def perplexity_section(res: dict) -> list[str]:
              "them)" if part == "evaluation" else f"part `{part}`")
     lines = [f"**Per-token perplexity**: {res['documents']} documents of "
              f"`../shared/texts/dev.txt` (de-duplicated; {which}; "
-             f"{res.get('distinct_texts', res['documents'])} distinct texts), "
+             f"{res.get('distinct_texts') or 'unrecorded'} distinct texts by their hashes), "
              f"{res['tokens']:,} scored tokens, at most {res['max_tokens']} tokens each; one "
              "message per token, as at decode steps. " + provenance_line(res), "",
              report.perplexity_markdown(res), ""]
@@ -153,7 +153,7 @@ def verdict_section(main: dict | None, ppl: dict | None) -> list[str]:
     bits = 32.0 / acc["mean"]["byte_ratio_pooled"]
     acc_v, ppl_v = verdict(-a_hi, -a_lo, GOAL_ACC), verdict(p_lo, p_hi, GOAL_PPL)
     whole = "met" if acc_v == ppl_v == "yes" else (
-        "not met" if "no" in (acc_v[:2], ppl_v[:2]) else "not established")
+        "not met" if any(v.startswith("no ") for v in (acc_v, ppl_v)) else "not established")
     return ["**Verdict on the fidelity goal** for `rotated` (defaults), split after layer 1, "
             "judged by the intervals:", "",
             f"- **Bytes** (≤ 1/8 of float32): **{'met' if bits <= GOAL_BITS else 'not met'}**: "
@@ -184,6 +184,16 @@ def load_run(folder: Path, name: str) -> dict | None:
     return res
 
 
+def distinct_texts(path: Path) -> int | None:
+    """How many distinct texts a perplexity run's records scored (each record names its text by
+    a hash), or None without records."""
+    if not path.is_file():
+        return None
+    texts = {json.loads(line).get("text") for line in lzma.open(path, "rt", encoding="utf-8")
+             if line.startswith('{"idx"')}
+    return len(texts - {None}) or None
+
+
 MARKERS = ("<!-- FULL-RESULTS -->", "<!-- /FULL-RESULTS -->")
 
 
@@ -200,6 +210,7 @@ def main() -> None:
     path = folder / "ppl_per_token.json"
     if path.is_file():
         res = json.loads(path.read_text())
+        res["distinct_texts"] = distinct_texts(folder / "ppl_per_token.jsonl.xz")
         bundle["perplexity_per_token"] = res
         out += perplexity_section(res) + [""]
     out += verdict_section(bundle.get("main"), bundle.get("perplexity_per_token"))
