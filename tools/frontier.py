@@ -123,7 +123,10 @@ def heldout(records: Path, data_dir: Path | None = None, limit: int | None = Non
 
     calibration = set(split_documents(read_texts())["calibration"])
     recs: dict[str, dict[int, dict]] = {}
-    with open(records, encoding="utf-8") as f:
+    import lzma
+
+    opener = lzma.open if Path(records).suffix == ".xz" else open
+    with opener(records, "rt", encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
             if "task" in r and (limit is None or int(r["idx"]) < limit):
