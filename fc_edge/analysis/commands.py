@@ -72,6 +72,11 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def log(msg: str) -> None:
+    """A progress line on stderr (the tables go to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.privacy:
         return run_privacy(args)
@@ -100,9 +105,6 @@ def run(args: argparse.Namespace) -> int:
     ids = [list(tokenizer(d, add_special_tokens=False)["input_ids"])[: args.max_tokens]
            for d in docs]
     ids = [x for x in ids if len(x) >= 2]
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
     codecs = [c for c in args.codecs.split(",") if c.strip()]
     fixed = [c for c in args.fixed.split(",") if c.strip()]
@@ -183,9 +185,6 @@ def run_privacy(args: argparse.Namespace) -> int:
     evaluation = token_windows(tokenizer, parts["evaluation"], max_tokens)[: args.max_docs]
     calibration = token_windows(tokenizer, parts["calibration"], max_tokens)[: args.max_docs]
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     log(f"privacy: layers {layers}, codecs {[s.label for s in settings]}, "
         f"{len(calibration)} calibration / {len(evaluation)} evaluation documents, "
         f"first {max_tokens} tokens each")
@@ -204,9 +203,6 @@ def write_privacy(args: argparse.Namespace, res: dict, accuracy: dict | None) ->
     from fc_edge.analysis.privacy import markdown_report, plot_recovery
     from fc_edge.eval.records import file_sha256
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     note = ""
     if accuracy is not None:
         res["accuracy"] = {"file": str(args.accuracy), "sha256": file_sha256(args.accuracy),
@@ -224,6 +220,6 @@ def write_privacy(args: argparse.Namespace, res: dict, accuracy: dict | None) ->
     md = args.out_dir / "privacy.md"
     md.write_text(text)
     png = plot_recovery(res, args.out_dir / "privacy.png")
-    print(md.read_text())
+    print(text)
     log(f"wrote {out_json}, {md}, {png}")
     return 0

@@ -13,14 +13,14 @@ items (or documents), so every comparison is paired:
   its Clopper-Pearson ("exact") 95% interval (:func:`proportion_ci`, scipy.stats.binomtest).
 * a proportion over units that come in clusters (tokens of one document): a bootstrap that
   resamples whole clusters (:func:`clustered_proportion_ci`).
-
-(scipy, not statsmodels: scipy.stats is loaded for the bootstrap anyway, and statsmodels' import,
-pandas included, cost each `fc-edge eval` process about 1.1 s. The results are statsmodels' to
-the last bit or so: tests/eval/test_stats.py holds them to it.)
 * per-task standard error as lm-evaluation-harness prints it: the sample standard deviation
   (ddof 1) over sqrt(n) (:func:`lm_eval_stderr`).
 * Δppl %: ``exp(sum nll_codec / sum tokens) / exp(sum nll_ref / sum tokens) - 1``; documents are
   resampled in pairs (:func:`delta_ppl_ci`).
+
+(scipy, not statsmodels: scipy.stats is loaded for the bootstrap anyway, and statsmodels' import,
+pandas included, cost each `fc-edge eval` process 0.5-0.6 s. The results are statsmodels' to
+the last bit or so: tests/eval/test_stats.py holds them to it.)
 
 Intervals are 95% by default; bootstraps draw 10,000 resamples from a fixed seed, so a report
 reproduces exactly.

@@ -223,9 +223,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cuda_graphs=args.cuda_graphs, calibrations=args.calibration)
     extras = [x for x, on in (("TLS", handle.tls), ("token required", args.token),
                               ("CUDA graphs", args.cuda_graphs)) if on]
-    extras += [f"calibration {c.name} ({digest})"
-               for digest, c in ((d, ctx.calibration)
-                                 for d, ctx in handle.service.calibrations.items())]
+    extras += [f"calibration {ctx.calibration.name} ({digest})"
+               for digest, ctx in handle.service.calibrations.items()]
     if handle.metrics_port is not None:
         extras.append(f"metrics on {args.metrics_host}:{handle.metrics_port}")
     print(f"fc-edge serve: {args.model} split at layer {handle.split_layer} "

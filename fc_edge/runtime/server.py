@@ -189,12 +189,12 @@ class SessionCodecs:
                                f"the {enc.codec} payload is not of this session's "
                                f"configuration: {'; '.join(r for r in reasons if r)}")
 
-    def decode(self, enc: Encoded, ctx: CodecContext | None = None) -> torch.Tensor:
-        """The (S, D) activation of a checked payload, decoded with ``ctx`` (default:
-        :meth:`message_context`); SessionAbort when it does not decode (a payload that decodes
-        to NaN or Inf is a WireError of the codecs)."""
+    def decode(self, enc: Encoded, ctx: CodecContext) -> torch.Tensor:
+        """The (S, D) activation of a checked payload, decoded with ``ctx`` (the
+        :meth:`message_context` it was unpacked with); SessionAbort when it does not decode (a
+        payload that decodes to NaN or Inf is a WireError of the codecs)."""
         try:
-            return decode(enc, self.message_context() if ctx is None else ctx)
+            return decode(enc, ctx)
         except (FcEdgeError, ValueError, RuntimeError) as e:
             raise SessionAbort(grpc.StatusCode.INVALID_ARGUMENT,
                                f"cannot decode the {enc.codec} payload: {e}") from None
